@@ -1,0 +1,172 @@
+"""Run infrastructure: EMA, atomic checkpoints, config resolution, the guarded update, images, CLI errors."""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import common
+from conftest import ROOT
+
+
+def test_ema_half_life_and_decay():
+    model = torch.nn.Linear(3, 1)
+    torch.nn.init.zeros_(model.weight)
+    ema = common.EMA(model, halflife_kimg=0.5)                 # half-life 500 images
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    for _ in range(5):
+        ema.update(model, batch_size=100)                      # 500 images: halfway to the new weights
+    assert torch.allclose(ema.model.weight, torch.full((1, 3), 0.5), atol=1e-6)
+    ema2 = common.EMA(model, decay=0.9)
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+    ema2.update(model, batch_size=7)
+    assert torch.allclose(ema2.model.weight, torch.full((1, 3), 1.1), atol=1e-6)
+    assert not ema.model.training and not any(p.requires_grad for p in ema.model.parameters())
+    with pytest.raises(ValueError):
+        common.EMA(model)
+
+
+def test_checkpoint_is_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    common.save_checkpoint(path, {"cfg": {"method": "x"}, "w": torch.ones(3)})
+    real_save = torch.save
+
+    def crash(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt("power cut")
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        common.save_checkpoint(path, {"cfg": {"method": "x"}, "w": torch.zeros(3)})
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.equal(common.load_checkpoint(path)["w"], torch.ones(3))     # the old file, intact
+    assert os.listdir(tmp_path) == ["ckpt.pt"]                                  # no temp file left
+
+
+def test_load_checkpoint_errors(tmp_path):
+    with pytest.raises(common.UserError, match="not found"):
+        common.load_checkpoint(str(tmp_path / "none.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"not a zip")
+    with pytest.raises(common.UserError, match="not a readable checkpoint"):
+        common.load_checkpoint(str(tmp_path / "junk.pt"))
+    common.save_checkpoint(str(tmp_path / "gcm.pt"), {"cfg": {"method": "gcm"}})
+    with pytest.raises(common.UserError, match="written by gcm.py, not scm.py"):
+        common.load_checkpoint(str(tmp_path / "gcm.pt"), "scm")
+    torch.save({"a": 1}, tmp_path / "other.pt")
+    with pytest.raises(common.UserError, match="not a checkpoint written by these scripts"):
+        common.load_checkpoint(str(tmp_path / "other.pt"))
+
+
+def parse(argv, extra=None):
+    p = common.base_parser("demo", "demo")
+    p.add_argument("--alpha", type=float)
+    return common.resolve_config(p.parse_args(argv), "demo", {"alpha": 1.0, "lr": 0.5},
+                                 {"toy": {"alpha": 2.0, "steps": 10}, "cifar10": {"alpha": 3.0, "lr": 1e-4}})
+
+
+def test_config_precedence():
+    cfg = parse(["--dataset", "moons"])
+    assert cfg["alpha"] == 2.0 and cfg["steps"] == 10 and cfg["lr"] == 0.5 and cfg["out"] == os.path.join("runs", "demo-moons")
+    cfg = parse(["--dataset", "cifar10", "--alpha", "7", "--steps", "3"])
+    assert cfg["alpha"] == 7.0 and cfg["lr"] == 1e-4 and cfg["steps"] == 3
+    cfg = parse(["--imagenet-latents"])
+    assert cfg["dataset"] == "imagenet-latents" and "imagenet_latents" not in cfg
+    with pytest.raises(common.UserError, match="--dataset"):
+        parse([])
+    assert parse(["--dataset", "moons", "--ema-decay", "0.99"])["ema_halflife_kimg"] is None
+
+
+def tiny_run(tmp_path, **over):
+    cfg = {**common.COMMON_DEFAULTS, "method": "demo", "dataset": "moons", "out": str(tmp_path / "run"),
+           "batch_size": 8, "log_every": 2, "steps": 4, **over}
+    return common.Run(cfg)
+
+
+def test_update_skips_non_finite_steps(tmp_path):
+    run = tiny_run(tmp_path, max_skips=3)
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(8, 2)
+    run.update(opt, model(x).sum() * float("nan"), model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and run.skips == 1
+    run.update(opt, model(x).sum(), model.parameters())
+    assert run.skips == 0 and run.skipped_total == 1
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    for _ in range(2):
+        run.update(opt, model(x).sum() * float("inf"), model.parameters())
+    with pytest.raises(common.RunError, match="3 consecutive non-finite steps"):
+        run.update(opt, model(x).sum() * float("nan"), model.parameters())
+
+
+def test_update_clips_gradients(tmp_path):
+    run = tiny_run(tmp_path, grad_clip=0.5)
+    w = torch.nn.Parameter(torch.zeros(4))
+    opt = torch.optim.SGD([w], lr=1.0)
+    gnorm = run.update(opt, (w * torch.tensor([3.0, 4.0, 0.0, 0.0])).sum(), [w])
+    assert abs(float(gnorm) - 5.0) < 1e-6                                  # reported before clipping
+    assert torch.allclose(w.detach(), -0.5 * torch.tensor([0.6, 0.8, 0.0, 0.0]))
+
+
+def test_log_records(tmp_path):
+    run = tiny_run(tmp_path)
+    for step in range(4):
+        run.log(step, {"loss": torch.tensor(float(step)), "grad_norm": torch.tensor(1.0)})
+    recs = [json.loads(l) for l in open(tmp_path / "run" / "log.jsonl")]
+    assert [r["step"] for r in recs] == [2, 4]
+    assert recs[0]["loss"] == 0.5 and recs[1]["loss"] == 2.5 and recs[1]["kimg"] == 0.032
+    assert {"sec_per_step", "skipped", "grad_norm"} <= set(recs[0])
+
+
+def test_checkpoint_restore_and_nan_guard(tmp_path):
+    run = tiny_run(tmp_path)
+    model = torch.nn.Linear(2, 2)
+    run.checkpoint(5, {"model": model})
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.fill_(float("nan"))
+    run.checkpoint(6, {"model": model})                                  # refused: non-finite
+    ckpt = common.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"), "demo")
+    assert ckpt["step"] == 5 and torch.equal(ckpt["model"]["weight"], good["weight"])
+    run2 = tiny_run(tmp_path, resume=True)
+    fresh = torch.nn.Linear(2, 2)
+    assert run2.restore({"model": fresh}) == 5
+    assert torch.equal(fresh.weight, good["weight"])
+
+
+def test_rng_restore_continues_the_stream(tmp_path):
+    run = tiny_run(tmp_path)
+    torch.manual_seed(7)
+    run.checkpoint(1, {})
+    expected = torch.rand(5)
+    torch.manual_seed(99)
+    tiny_run(tmp_path, resume=True).restore({})
+    assert torch.equal(torch.rand(5), expected)
+
+
+def test_images_written(tmp_path):
+    from PIL import Image
+    common.save_grid(torch.rand(6, 3, 8, 8) * 2 - 1, str(tmp_path / "g.png"))
+    assert Image.open(tmp_path / "g.png").size == (2 + 3 * 10, 2 + 2 * 10)   # 3 columns, 2 rows
+    common.save_grid(torch.randn(4, 4, 8, 8), str(tmp_path / "lat.png"))      # latents without a decoder
+    pts = torch.randn(500, 2)
+    common.save_scatter(pts, str(tmp_path / "s.png"), reference=torch.randn(500, 2))
+    img = np.asarray(Image.open(tmp_path / "s.png"))
+    assert img.shape == (384, 384, 3) and (img < 250).any() and (img == 255).any()
+
+
+def test_cli_reports_user_errors_in_one_line():
+    code = "import common\ndef main(argv):\n    raise common.UserError('bad input here')\ncommon.cli(main)\n"
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.strip() == "error: bad input here"
+
+
+def test_common_cli_commands_fail_cleanly(tmp_path):
+    res = subprocess.run([sys.executable, "common.py", "encode-latents", "--images", str(tmp_path / "none"),
+                          "--out", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.strip().startswith("error: image folder not found")
