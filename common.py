@@ -1052,11 +1052,20 @@ COMMON_DEFAULTS = dict(
 )
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is reported in one line (and exit code 2) like every other input error."""
+
+    def error(self, message):
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def base_parser(method, description):
     """The flags every method script shares (SPEC section 1). Defaults are None so a flag given on the
     command line can be told from one left to the preset (see resolve_config)."""
-    p = argparse.ArgumentParser(prog=f"{method}.py", description=description,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineErrorParser(prog=f"{method}.py", description=description,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--dataset", choices=DATASETS, help="data set; picks the paper's preset for that setting")
     a("--imagenet-latents", action="store_true", help="shorthand for --dataset imagenet-latents")
@@ -1097,9 +1106,14 @@ def resolve_config(args, method, defaults, presets):
     given = {k: v for k, v in vars(args).items() if v is not None}
     if given.pop("imagenet_latents", False):
         given["dataset"] = "imagenet-latents"
+    if given.get("sample_only"):                    # sampling: the checkpoint's config, then the flags given
+        if not given.get("ckpt"):
+            raise UserError("--sample-only needs --ckpt PATH")
+        trained = load_checkpoint(given["ckpt"], method)["cfg"]
+        cfg = {**COMMON_DEFAULTS, **defaults, **trained, "resume": False, **given}
+        cfg["out"] = given.get("out") or os.path.dirname(os.path.abspath(given["ckpt"]))
+        return cfg
     dataset = given.get("dataset")
-    if dataset is None and args.sample_only and args.ckpt:                 # sampling: the checkpoint knows
-        dataset = load_checkpoint(args.ckpt, method)["cfg"]["dataset"]
     if dataset is None:
         raise UserError("choose a data set with --dataset (" + ", ".join(DATASETS) + ")")
     setting = dataset if dataset in presets else ("toy" if dataset in TOY_SETS else dataset)
@@ -1272,40 +1286,52 @@ class Run:
             return None
         return torch.randint(0, data.num_classes, (n,), generator=generator).to(self.device)
 
-    def save_samples(self, tag, sample_fn, data, nfes=None):
-        """Grids (or scatter plots for toy data) of n samples per NFE: samples/{tag}_nfe{k}.png.
+    def save_samples(self, tag, samplers, data):
+        """Grids (scatter plots for toy data) per sampler and NFE: samples/{tag}[_{name}]_nfe{k}.png.
+
+        samplers: {name: (sample_fn, nfes)}, name "" for the method's own sampler;
         sample_fn(n, nfe, labels, generator) -> samples in data space."""
         if not self.is_main:
             return
-        for k in nfes or self.cfg["nfe"]:
-            g = self.generator(k)
-            n = self.cfg["eval_samples"] if data.kind == "toy" else self.cfg["n"]
-            x = sample_fn(n, k, self.sample_labels(data, n, g), g)
-            path = os.path.join(self.out, "samples", f"{tag}_nfe{k}.png")
-            if data.kind == "toy":
-                save_scatter(x, path, reference=data.sample(n, generator=torch.Generator().manual_seed(1))[0])
-            else:
-                save_grid(to_pixels(data, x), path)
+        for name, (sample_fn, nfes) in samplers.items():
+            for k in nfes:
+                g = self.generator(k)
+                n = self.cfg["eval_samples"] if data.kind == "toy" else self.cfg["n"]
+                x = sample_fn(n, k, self.sample_labels(data, n, g), g)
+                path = os.path.join(self.out, "samples", f"{tag}{'_' + name if name else ''}_nfe{k}.png")
+                if data.kind == "toy":
+                    save_scatter(x, path, reference=data.sample(n, generator=torch.Generator().manual_seed(1))[0])
+                else:
+                    save_grid(to_pixels(data, x), path)
 
-    def evaluate(self, sample_fn, data):
-        """End-of-run evaluation into eval.json: for toy sets the sliced Wasserstein distance to held-out
-        data per NFE (points saved as samples/nfe{k}.npy, data as samples/data.npy); with --fid, FID."""
+    def evaluate(self, samplers, data):
+        """End-of-run evaluation into eval.json. samplers: {name: (sample_fn, nfes)} as in save_samples.
+        Toy sets: the sliced Wasserstein distance to held-out data per NFE, {"swd": {"1": ...}} for the
+        main sampler and {"swd_<name>": ...} for the others; points in samples/[<name>_]nfe{k}.npy,
+        the held-out data in samples/data.npy. Images with --fid: {"fid": {...}} likewise."""
         result = {}
-        if data.kind == "toy" and self.is_main:
+        toy = data.kind == "toy"
+        if toy and self.is_main:
             n = self.cfg["eval_samples"]
             held_out = data.sample(n, generator=torch.Generator().manual_seed(10_000 + self.cfg["seed"]))[0]
             np.save(os.path.join(self.out, "samples", "data.npy"), held_out.numpy().astype(np.float32))
-            result["swd"] = {}
-            for k in self.cfg["nfe"]:
-                g = self.generator(k)
-                x = sample_fn(n, k, self.sample_labels(data, n, g), g).float().cpu()
-                np.save(os.path.join(self.out, "samples", f"nfe{k}.npy"), x.numpy().astype(np.float32))
-                result["swd"][str(k)] = sliced_wasserstein(x, held_out)
-        if self.cfg.get("fid") and data.kind != "toy":
-            result["fid"] = {str(k): self.fid(sample_fn, data, k) for k in self.cfg["nfe"]}
+        for name, (sample_fn, nfes) in samplers.items():
+            suffix = "_" + name if name else ""
+            if toy and self.is_main:
+                scores = result["swd" + suffix] = {}
+                for k in nfes:
+                    g = self.generator(k)
+                    x = sample_fn(n, k, self.sample_labels(data, n, g), g).float().cpu()
+                    np.save(os.path.join(self.out, "samples", f"{name + '_' if name else ''}nfe{k}.npy"),
+                            x.numpy().astype(np.float32))
+                    scores[str(k)] = sliced_wasserstein(x, held_out)
+            if self.cfg.get("fid") and not toy:
+                result["fid" + suffix] = {str(k): self.fid(sample_fn, data, k) for k in nfes}
         if self.is_main and result:
-            with open(os.path.join(self.out, "eval.json"), "w") as f:
-                json.dump(result, f, indent=1)
+            path = os.path.join(self.out, "eval.json")
+            previous = json.load(open(path)) if os.path.isfile(path) else {}
+            with open(path, "w") as f:
+                json.dump({**previous, **result}, f, indent=1)
             print0("eval:", json.dumps(result))
         return result
 
@@ -1334,6 +1360,30 @@ class Run:
         if tdist.is_initialized():
             tdist.barrier()
             tdist.destroy_process_group()
+
+
+def build_backbone(cfg, data, **kwargs):
+    """dit.build_model for this data set (cfg["model"]: "MLP" for toy data, a DiT name for images)."""
+    import dit
+    try:
+        return dit.build_model(cfg["model"], data.shape, **kwargs)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def make_optimizer(kind, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    """Adam / AdamW (fused kernels, CPU and CUDA) or RAdam (multi-tensor)."""
+    params = list(params)
+    if kind in ("adam", "adamw"):
+        cls = torch.optim.Adam if kind == "adam" else torch.optim.AdamW
+        return cls(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
+    if kind == "radam":
+        return torch.optim.RAdam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=True)
+    raise UserError(f"unknown optimizer {kind!r}; choose adam, adamw or radam")
+
+
+def make_ema(model, cfg):
+    return EMA(model, decay=cfg.get("ema_decay"), halflife_kimg=cfg.get("ema_halflife_kimg"))
 
 
 def randn(shape, generator, device, std=1.0):

@@ -288,7 +288,7 @@ DiT_models = {
 class MLP(nn.Module):
     """Residual MLP for low-dimensional data with the DiT's call signature and conditioning."""
 
-    def __init__(self, dim=2, hidden_size=256, depth=4, num_classes=0, class_dropout=0.0, two_times=False,
+    def __init__(self, dim=2, hidden_size=128, depth=3, num_classes=0, class_dropout=0.0, two_times=False,
                  extra_cond=False, time_scale=1000.0, dropout=0.0, **_unused):
         super().__init__()
         self.num_classes = num_classes

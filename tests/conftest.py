@@ -1,8 +1,10 @@
 import os
+import pickle
 import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -27,3 +29,78 @@ def torchrun(script, *args, nproc=2, timeout=600):
 @pytest.fixture
 def run_torchrun():
     return torchrun
+
+
+def write_cifar_fixture(root, per_batch=6, seed=0):
+    """A tiny CIFAR-10 in the release's format: cifar-10-batches-py/data_batch_{1..5}, test_batch and
+    batches.meta, each a pickled dict with b"data" uint8 [n, 3072] (R, G, B planes) and b"labels"."""
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder)
+    all_data, all_labels = [], []
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 10, per_batch)]
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump({b"batch_label": name.encode(), b"labels": labels, b"data": data,
+                         b"filenames": [b"x.png"] * per_batch}, f, protocol=2)
+        if name != "test_batch":
+            all_data.append(data)
+            all_labels += labels
+    with open(os.path.join(folder, "batches.meta"), "wb") as f:
+        pickle.dump({b"label_names": [b"c%d" % i for i in range(10)], b"num_vis": 3072}, f, protocol=2)
+    return np.concatenate(all_data), all_labels
+
+
+@pytest.fixture
+def cifar_root(tmp_path):
+    """A tiny CIFAR-10 (30 training images) in the release's on-disk format."""
+    root = tmp_path / "data"
+    write_cifar_fixture(str(root))
+    return str(root)
+
+
+def load_state(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_states_equal(a, b, path=""):
+    """Recursively compare two checkpoint states for exact (bitwise) equality."""
+    if torch.is_tensor(a):
+        assert torch.equal(a, b), f"{path} differs"
+    elif isinstance(a, dict):
+        assert set(a) == set(b), f"{path} keys differ"
+        for k in a:
+            assert_states_equal(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{path} lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_states_equal(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def check_ddp_step(run_torchrun, tmp_path, method, variants=("default",)):
+    """Run tests/ddp_step.py for one method and its variants (one torchrun launch) and assert the
+    data-parallel SGD identity for each."""
+    import json
+    res = run_torchrun("tests/ddp_step.py", method, ",".join(variants), str(tmp_path))
+    assert res.returncode == 0, res.stderr[-4000:]
+    for variant in variants:
+        r0, r1 = (json.load(open(tmp_path / f"ddp_{method}_{variant}_rank{r}.json")) for r in range(2))
+        for r in (r0, r1):
+            assert r["equal_across_ranks"], (variant, r)
+            assert r["max_dev_from_mean_grad"] < 1e-6 + 1e-5 * r["step_size"], (variant, r)
+            assert all(m > 0 for m in r["moved_per_net"]), (variant, r)      # every trained network moved
+        assert r0["loss_differs_across_ranks"], variant                       # ranks had different batches
+
+
+def run_cli(main, argv, capsys):
+    """Call a method's main through common.cli in-process; returns (exit code, stderr lines)."""
+    import common
+    try:
+        common.cli(main, argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err.strip().splitlines()

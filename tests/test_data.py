@@ -1,34 +1,13 @@
 """Data: CIFAR-10 from its on-disk format, latent shards, the loader, toy sets."""
 import json
 import os
-import pickle
 
 import numpy as np
 import pytest
 import torch
 
 import common
-
-
-def write_cifar_fixture(root, per_batch=6, seed=0):
-    """A tiny CIFAR-10 in the release's format: cifar-10-batches-py/data_batch_{1..5}, test_batch and
-    batches.meta, each a pickled dict with b"data" uint8 [n, 3072] (R, G, B planes) and b"labels"."""
-    rng = np.random.default_rng(seed)
-    folder = os.path.join(root, "cifar-10-batches-py")
-    os.makedirs(folder)
-    all_data, all_labels = [], []
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
-        labels = [int(v) for v in rng.integers(0, 10, per_batch)]
-        with open(os.path.join(folder, name), "wb") as f:
-            pickle.dump({b"batch_label": name.encode(), b"labels": labels, b"data": data,
-                         b"filenames": [b"x.png"] * per_batch}, f, protocol=2)
-        if name != "test_batch":
-            all_data.append(data)
-            all_labels += labels
-    with open(os.path.join(folder, "batches.meta"), "wb") as f:
-        pickle.dump({b"label_names": [b"c%d" % i for i in range(10)], b"num_vis": 3072}, f, protocol=2)
-    return np.concatenate(all_data), all_labels
+from conftest import write_cifar_fixture
 
 
 def test_cifar10_reads_the_release_format(tmp_path):

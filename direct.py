@@ -1,0 +1,260 @@
+"""Direct Models: "End-to-end single-step flow matching via Direct Models" (../shared/papers/direct.txt).
+
+The method in a paragraph. Flow matching with noise x0 at t=0 and data x1 at t=1, x_t = (1-t) x0 + t x1
+(Eq. 2/14). Besides a velocity field v_theta trained by conditional flow matching (Eq. 15), a second
+network w_nu parameterises the whole flow map from the noise, phi(x0, t) = x0 + t w(x0, t) (Eq. 4), so
+any point of the trajectory, and the sample x1 = x0 + w(x0, 1) (Eq. 17), is one forward pass away.
+w_nu is trained by "local velocity propagation": a forward difference of d phi / dt = v(phi, t) gives
+    w(x0, t + dt) = (t - dt)/t w(x0, t) + dt/t v(x_t, t),        x_t = x0 + t w(x0, t)      (Eq. 12/13)
+and the loss (Eq. 16) regresses w_nu(x0, t'+dt) on the right-hand side with stop-gradients on
+w_nu(x0, t') (in both places) and v_theta as the velocity, t' ~ U[dt, 1-dt]. Both networks are updated
+at every step (Algorithm 1); there is no teacher and no distillation stage.
+
+    python direct.py --dataset checkerboard                  # 2D toy run, about a minute on a CPU
+    python direct.py --dataset cifar10                       # unconditional, DiT-B/2 on pixels
+    torchrun --nproc_per_node 8 direct.py --imagenet-latents # Table 5: DiT-B/2, batch 256, CFG 1.5
+    python direct.py --sample-only --ckpt runs/direct-cifar10/ckpt.pt --nfe 1 --fid 50000
+
+Ablations: --no-stop-grad (Table 3), --param w for phi = x + w(x, t) (Table 4), --dt (Table 2).
+`--nfe` evaluates the direct one-step map (it has no multi-step use, Section 7); `--euler-steps`
+evaluates the jointly trained v_theta with the Euler sampler, the flow-matching rows of Table 1.
+"""
+import argparse
+
+import torch
+
+import common
+
+INTERP = common.NoiseAt0()          # x_t = (1 - t) x0 + t x1: x0 noise (t=0), x1 data (t=1)
+
+
+# ==============================================================================================
+# The method
+
+def mse(a, b):
+    """||a - b||^2 averaged over every element (the paper's squared norm, up to a constant), in fp32
+    at least (bf16 activations are upcast; float64 stays float64)."""
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    return (a.to(dtype) - b.to(dtype)).pow(2).mean()
+
+
+def cfm_loss(v_model, x1, x0, t, y=None):
+    """Eq. (15): || v_theta(x_t, t) - (x1 - x0) ||^2 at x_t = (1 - t) x0 + t x1 (Eq. 14), Alg. 1 l.5-7."""
+    x_t, u = INTERP(x1, x0, t)
+    return mse(v_model(x_t, t, y=y), u)
+
+
+def velocity(v_model, x, t, y=None, cfg_scale=1.0):
+    """v_theta(x, t), classifier-free guided when cfg_scale != 1: v_u + s (v_c - v_u), one batched call."""
+    if y is None or cfg_scale == 1.0:
+        return v_model(x, t, y=y)
+    null = torch.full_like(y, v_model.null_label)
+    v_c, v_u = v_model(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, null])).chunk(2)
+    return v_u + cfg_scale * (v_c - v_u)
+
+
+def flow(w, x0, t, param="tw"):
+    """Eq. (4): phi(x0, t) = x0 + t w(x0, t); with param="w" (Table 4 ablation) phi = x0 + w(x0, t)."""
+    return x0 + (common.bcast(t, x0) * w if param == "tw" else w)
+
+
+def propagate(w_prev, v, t, dt, param="tw"):
+    """The right-hand side of Eq. (12)/(13): w at t + dt from w and the velocity at t.
+    param="tw": (t - dt)/t w + dt/t v.  param="w" (phi = x + w): w + dt v, the same forward difference."""
+    t = common.bcast(t, w_prev)
+    if param == "tw":
+        return (t - dt) / t * w_prev + dt / t * v
+    return w_prev + dt * v
+
+
+def propagation_loss(w_model, v_model, x0, t, dt, y=None, param="tw", stop_grad=True, cfg_scale=1.0):
+    """Eq. (16), Alg. 1 l.10-12, for t' = t ~ U[dt, 1 - dt]:
+        || w_nu(x0, t' + dt) - [(t' - dt)/t' sg[w_nu(x0, t')] + dt/t' v_theta(x'_t, t')] ||^2,
+        x'_t = x0 + t' sg[w_nu(x0, t')].
+    The loss trains nu only: v_theta is evaluated without gradient to theta (theta learns from Eq. 15
+    alone). stop_grad=False is the Table 3 ablation: the gradient then also flows through w_nu(x0, t')
+    and through x'_t into v_theta's input (not into theta)."""
+    if stop_grad:
+        with torch.no_grad():
+            w_prev = common.unwrap(w_model)(x0, t, y=y)                       # sg[w_nu(x0, t')]
+            v = velocity(common.unwrap(v_model), flow(w_prev, x0, t, param), t, y, cfg_scale)
+            target = propagate(w_prev, v, t, dt, param)
+        return mse(w_model(x0, t + dt, y=y), target)
+    # both w evaluations in one call: DDP allows one forward per backward
+    y2 = None if y is None else torch.cat([y, y])
+    w_prev, w_next = w_model(torch.cat([x0, x0]), torch.cat([t, t + dt]), y=y2).chunk(2)
+    frozen_v = frozen(common.unwrap(v_model))
+    v = velocity(frozen_v, flow(w_prev, x0, t, param), t, y, cfg_scale)
+    return mse(w_next, propagate(w_prev, v, t, dt, param))
+
+
+def frozen(module):
+    """The module as a function of its inputs only: parameters detached (no gradient to them)."""
+    params = {k: p.detach() for k, p in module.named_parameters()}
+    buffers = dict(module.named_buffers())
+
+    def call(*args, **kwargs):
+        return torch.func.functional_call(module, {**params, **buffers}, args, kwargs)
+    call.null_label = getattr(module, "null_label", None)
+    return call
+
+
+def direct_losses(v_model, w_model, x1, y, cfg):
+    """One step of Algorithm 1: both losses on one batch (the networks are independent, so one
+    backward of their sum updates each with its own gradient)."""
+    x0 = torch.randn_like(x1)                                              # l.3: (x0, x1) ~ (mu_0, mu_1)
+    t = torch.rand(len(x1), device=x1.device)                              # l.5: t ~ U[0, 1]
+    dt = cfg["dt"]
+    t_prime = dt + (1 - 2 * dt) * torch.rand(len(x1), device=x1.device)    # l.10: t' ~ U[dt, 1 - dt]
+    L_cfm = cfm_loss(v_model, x1, x0, t, y)
+    L_prop = propagation_loss(w_model, v_model, x0, t_prime, dt, y, cfg["param"], cfg["stop_grad"],
+                              cfg["cfg_scale"])
+    return {"loss": L_cfm + L_prop, "cfm": L_cfm.detach(), "prop": L_prop.detach()}
+
+
+# ==============================================================================================
+# Samplers
+
+@torch.no_grad()
+def sample_direct(w_model, x0, y=None, param="tw"):
+    """Eq. (17): x1 = x0 + w_nu(x0, 1), one network evaluation."""
+    t = torch.ones(len(x0), device=x0.device)
+    return flow(w_model(x0, t, y=y), x0, t, param)
+
+
+@torch.no_grad()
+def direct_path(w_model, x0, t, y=None, param="tw"):
+    """Any intermediate latent in one call: x_t = phi(x0, t) = x0 + t w(x0, t) (Eq. 4)."""
+    t = torch.as_tensor(t, dtype=x0.dtype, device=x0.device).expand(len(x0))
+    return flow(w_model(x0, t, y=y), x0, t, param)
+
+
+@torch.no_grad()
+def sample_euler(v_model, x0, steps, y=None, cfg_scale=1.0):
+    """The flow-matching baseline: Euler integration of dx/dt = v_theta(x, t) (Eq. 1) from t=0 to 1."""
+    x = x0
+    for i in range(steps):
+        t = torch.full((len(x),), i / steps, device=x.device)
+        x = x + velocity(v_model, x, t, y, cfg_scale) / steps
+    return x
+
+
+def samplers(ema_v, ema_w, cfg, data, device):
+    """{name: (sample_fn, nfes)} for common.Run.save_samples/evaluate, on the EMA weights."""
+    shape = data.shape
+
+    def direct(n, nfe, labels, g):
+        return sample_direct(ema_w, common.randn((n, *shape), g, device), labels, cfg["param"])
+
+    def euler(n, nfe, labels, g):
+        return sample_euler(ema_v, common.randn((n, *shape), g, device), nfe, labels, cfg["cfg_scale"])
+    return {"": (direct, cfg["nfe"]), "euler": (euler, cfg["euler_steps"])}
+
+
+# ==============================================================================================
+# Training loop
+
+def build_models(cfg, data):
+    """v_theta and w_nu: the same backbone, one time input each. Labels (ImageNet) go to both; only
+    v_theta is trained with label dropout, since only it is queried unconditionally (for CFG)."""
+    num_classes = data.num_classes if cfg["class_cond"] else 0
+    v_net = common.build_backbone(cfg, data, num_classes=num_classes, class_dropout=cfg["class_dropout"])
+    w_net = common.build_backbone(cfg, data, num_classes=num_classes)
+    return v_net, w_net
+
+
+def train(cfg):
+    run = common.Run(cfg)
+    data = common.load_dataset(cfg["dataset"], cfg["data_path"])
+    v_net, w_net = (m.to(run.device) for m in build_models(cfg, data))
+    v_model, w_model = run.wrap(v_net), run.wrap(w_net)
+    ema_v, ema_w = common.make_ema(v_net, cfg), common.make_ema(w_net, cfg)
+    params = list(v_net.parameters()) + list(w_net.parameters())
+    opt = common.make_optimizer("adamw", params, cfg["lr"], weight_decay=cfg["weight_decay"])
+    loader = common.Loader(data, run.batch_per_rank, run.dist, cfg["seed"], cfg["xflip"])
+    state = dict(v=v_net, w=w_net, ema_v=ema_v, ema_w=ema_w, opt=opt, loader=loader)
+    start = run.restore(state)
+    run.save_config()
+    sample = samplers(ema_v.model, ema_w.model, cfg, data, run.device)
+    for step in run.steps(start):
+        x1, y = loader.next()
+        with run.autocast():
+            losses = direct_losses(v_model, w_model, x1, y if cfg["class_cond"] else None, cfg)
+        losses["grad_norm"] = run.update(opt, losses["loss"], params)
+        ema_v.update(v_net, cfg["batch_size"])
+        ema_w.update(w_net, cfg["batch_size"])
+        run.log(step, losses)
+        done = step + 1
+        if cfg["sample_every"] and done % cfg["sample_every"] == 0:
+            run.save_samples(f"step{done}", sample, data)
+        if done % cfg["ckpt_every"] == 0 or done == cfg["steps"]:
+            run.checkpoint(done, state)
+    run.save_samples(f"step{cfg['steps']}", sample, data)
+    run.evaluate(sample, data)
+    run.close()
+
+
+def sample_only(cfg):
+    """--sample-only: grids (and --fid, or the toy metric) from the EMA weights of --ckpt."""
+    run = common.Run(cfg)
+    data = common.load_dataset(cfg["dataset"], cfg["data_path"])
+    ckpt = common.load_checkpoint(cfg["ckpt"], "direct")
+    v_net, w_net = build_models(cfg, data)
+    v_net.load_state_dict(ckpt["ema_v"])
+    w_net.load_state_dict(ckpt["ema_w"])
+    v_net, w_net = v_net.to(run.device).eval(), w_net.to(run.device).eval()
+    sample = samplers(v_net, w_net, cfg, data, run.device)
+    run.save_samples("sample", sample, data)
+    run.evaluate(sample, data)
+    run.close()
+
+
+# ==============================================================================================
+# Presets (Table 5) and command line
+
+DEFAULTS = dict(dt=0.01, param="tw", stop_grad=True, cfg_scale=1.0, class_dropout=0.0, weight_decay=0.0,
+                euler_steps=[128, 4, 1], nfe=[1])
+PRESETS = {
+    # Table 5, ImageNet-256 column: DiT-B/2 on 32x32x4 latents, batch 256, 800k steps, CFG 1.5 inside the
+    # propagation target, class dropout 0.1, AdamW 5e-5 without weight decay, EMA 0.999.
+    "imagenet-latents": dict(model="DiT-B/2", batch_size=256, steps=800_000, lr=5e-5, ema_decay=0.999,
+                             class_cond=True, class_dropout=0.1, cfg_scale=1.5, log_every=100,
+                             sample_every=10_000, ckpt_every=10_000),
+    # The paper has no CIFAR-10 run; we carry over its unconditional (CelebA-HQ) column: batch 64,
+    # 500k steps, AdamW 5e-5, EMA 0.999, DiT-B/2 (on 32x32 pixels instead of latents), x-flips.
+    "cifar10": dict(model="DiT-B/2", batch_size=64, steps=500_000, lr=5e-5, ema_decay=0.999, xflip=True,
+                    log_every=100, sample_every=10_000, ckpt_every=10_000),
+    # 2D toy sets: an MLP, about a minute on a laptop CPU.
+    "toy": dict(model="MLP", batch_size=256, steps=3000, lr=1e-3, ema_decay=0.995, log_every=200,
+                ckpt_every=1000),
+}
+
+
+def parse_config(argv=None):
+    p = common.base_parser("direct", __doc__)
+    a = p.add_argument
+    a("--dt", type=float, help="delta t of the forward difference, Eq. (7)/(16) (Table 2; default 0.01)")
+    a("--param", choices=["tw", "w"], help="flow parameterisation: tw = Eq. (4) phi = x + t w; w = x + w (Table 4)")
+    a("--stop-grad", action=argparse.BooleanOptionalAction,
+      help="stop-gradients of Eq. (16) on w_nu(x0, t') (default on; --no-stop-grad is Table 3's ablation)")
+    a("--cfg-scale", type=float, help="classifier-free guidance scale of v_theta in the target (Table 5: 1.5 on ImageNet)")
+    a("--class-dropout", type=float, help="label dropout of v_theta (Table 5: 0.1 on ImageNet)")
+    a("--weight-decay", type=float, help="AdamW weight decay (Table 5: 0)")
+    a("--euler-steps", type=int, nargs="+", help="steps of the v_theta Euler baseline to evaluate (Table 1: 128 4 1)")
+    cfg = common.resolve_config(p.parse_args(argv), "direct", DEFAULTS, PRESETS)
+    if not 0 < cfg["dt"] < 0.5:
+        raise common.UserError(f"--dt must lie in (0, 0.5), got {cfg['dt']}")
+    if cfg["nfe"] != [1]:
+        raise common.UserError("the direct map is a one-step sampler: use --nfe 1 (--euler-steps for v_theta)")
+    if cfg["cfg_scale"] != 1.0 and not cfg["class_cond"]:
+        raise common.UserError("--cfg-scale needs a class-conditional model (--class-cond)")
+    return cfg
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    return sample_only(cfg) if cfg["sample_only"] else train(cfg)
+
+
+if __name__ == "__main__":
+    common.cli(main)

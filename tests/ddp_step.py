@@ -1,0 +1,103 @@
+"""One training update of a method under `torchrun --nproc_per_node 2` (gloo, CPU), checked against
+the definition of data-parallel SGD: after the step the parameters are identical on both ranks and
+equal to p0 - lr * mean_r(grad_r), where grad_r is the gradient of rank r's loss on its own batch,
+recomputed here on an unwrapped copy with the same random draws. A JVP or any pass that bypassed
+DDP's gradient synchronisation would break the equality.
+
+    torchrun --nproc_per_node 2 tests/ddp_step.py METHOD VARIANT[,VARIANT...] OUT
+
+Each adapter returns (cfg, nets, loss_fn): nets are the unwrapped networks that receive gradients,
+and loss_fn(*models) computes the method's training loss with the method's own functions."""
+import copy
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as tdist
+
+import common
+
+ADAPTERS = {}
+
+
+def adapter(name):
+    def register(fn):
+        ADAPTERS[name] = fn
+        return fn
+    return register
+
+
+def toy_batch(data, rank, n=8):
+    x, y = data.sample(n, generator=torch.Generator().manual_seed(100 + rank))
+    return x, y
+
+
+@adapter("direct")
+def direct_adapter(variant, out, rank):
+    import direct
+    args = ["--dataset", "moons", "--out", out, "--batch-size", "16", "--class-cond"]
+    if variant == "no-stop-grad":
+        args.append("--no-stop-grad")
+    cfg = direct.parse_config(args + (["--cfg-scale", "1.5", "--class-dropout", "0.2"] if variant == "cfg" else []))
+    data = common.load_dataset("moons")
+    v, w = direct.build_models(cfg, data)
+    x1, y = toy_batch(data, rank)
+    return cfg, [v, w], lambda v_model, w_model: direct.direct_losses(v_model, w_model, x1, y, cfg)["loss"]
+
+
+def flat(params):
+    return torch.cat([p.detach().reshape(-1) for p in params])
+
+
+def main(method, variants, out):
+    for variant in variants.split(","):
+        check(method, variant, out)
+    tdist.destroy_process_group()
+
+
+def check(method, variant, out):
+    rank = int(os.environ["RANK"])
+    torch.manual_seed(0)                                           # identical initial weights on every rank
+    cfg, nets, loss_fn = ADAPTERS[method](variant, out, rank)
+    with torch.no_grad():                       # leave the zero-initialised start, so every path has a gradient
+        for n in nets:
+            for p in n.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    run = common.Run({**cfg, "seed": 0})
+    refs = copy.deepcopy(nets)
+    models = [run.wrap(n) for n in nets]
+    params = [p for n in nets for p in n.parameters()]
+    lr = 0.1
+    opt = torch.optim.SGD(params, lr=lr)
+    p0 = flat(params)
+    torch.manual_seed(1000 + rank)                                 # per-rank random draws inside the loss
+    same = common.SameRandomness()
+    with same:
+        loss = loss_fn(*models)
+    run.update(opt, loss, params, grad_clip=0.0)
+    p1 = flat(params)
+    # reference: this rank's gradient on an unwrapped copy, same draws; then the mean over ranks
+    ref_params = [p for n in refs for p in n.parameters()]
+    with same:
+        ref_loss = loss_fn(*refs)
+    grads = torch.autograd.grad(ref_loss, ref_params, allow_unused=True)
+    g = flat([gr if gr is not None else torch.zeros_like(p) for gr, p in zip(grads, ref_params)])
+    tdist.all_reduce(g)
+    expected = p0 - lr * g / tdist.get_world_size()
+    gathered = [torch.zeros_like(p1) for _ in range(tdist.get_world_size())]
+    tdist.all_gather(gathered, p1)
+    moved = [float((flat(n.parameters()) - flat(r.parameters())).abs().max()) for n, r in zip(nets, refs)]
+    res = {"loss": float(loss), "equal_across_ranks": all(torch.equal(p1, q) for q in gathered),
+           "max_dev_from_mean_grad": float((p1 - expected).abs().max()),
+           "step_size": float((p1 - p0).abs().max()), "moved_per_net": moved,
+           "loss_differs_across_ranks": None}
+    losses = [torch.zeros(()) for _ in range(tdist.get_world_size())]
+    tdist.all_gather(losses, loss.detach().reshape(()))
+    res["loss_differs_across_ranks"] = bool(losses[0] != losses[1])
+    with open(os.path.join(out, f"ddp_{method}_{variant}_rank{rank}.json"), "w") as f:
+        json.dump(res, f)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
