@@ -84,6 +84,32 @@ def direct_step(model_name, batch, size, run):
     return step
 
 
+
+def gcm_step(flags):
+    """A GCM update (CU unless flags say otherwise) with the paper's RAdam, built from gcm.gcm_losses."""
+    def build(model_name, batch, size, run):
+        import gcm
+        cfg = gcm.parse_config(["--dataset", "cifar10", "--out", run.out, "--batch-size", str(batch),
+                                "--model", model_name, "--dropout", "0"] + flags)
+        net = gcm.build_model(cfg, ImageShape(size)).to(run.device)
+        opt = common.make_optimizer(cfg["optimizer"], net.parameters(), cfg["lr"], betas=tuple(cfg["betas"]))
+        x = batch_of(batch, size, run.device)
+
+        def step():
+            with run.autocast():
+                loss = gcm.gcm_losses(net, x, None, cfg, cfg["eps"])["loss"]
+            run.update(opt, loss, net.parameters())
+        return step
+    return build
+
+
+# Eq. (39): one forward-backward + one forward without gradient; the MMD (Eq. 46) adds only the
+# pairwise distances; Eq. (6): a forward-mode JVP instead of the second forward.
+step_cost("gcm/cu-fd-l2")(gcm_step(["--mmd-group", "1"]))
+step_cost("gcm/cu-fd-mmd")(gcm_step([]))
+step_cost("gcm/vu-fd-mmd")(gcm_step(["--variant", "vu"]))
+step_cost("gcm/cu-analytic")(gcm_step(["--mmd-group", "1", "--jvp", "analytic"]))
+
 def measure(names, model_name, batch, size, repeats, warmup, run):
     steps = {n: STEPS[n](model_name, batch, size, run) for n in names}
     cuda = run.device.type == "cuda"
