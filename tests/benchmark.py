@@ -121,6 +121,46 @@ def direct_toy(dataset, out, steps):
     return {"direct/one-step": nfe_scores(ev["swd"]), "fm/euler": nfe_scores(ev["swd_euler"])}
 
 
+def gcm_step(flags):
+    """A GCM update (CU unless flags say otherwise) with the paper's RAdam, built from gcm.gcm_losses."""
+    def build(model_name, batch, size, run):
+        import gcm
+        cfg = gcm.parse_config(["--dataset", "cifar10", "--out", run.out, "--batch-size", str(batch),
+                                "--model", model_name, "--dropout", "0"] + flags)
+        net = gcm.build_model(cfg, ImageShape(size)).to(run.device)
+        opt = common.make_optimizer(cfg["optimizer"], net.parameters(), cfg["lr"], betas=tuple(cfg["betas"]))
+        x = batch_of(batch, size, run.device)
+
+        def step():
+            with run.autocast():
+                loss = gcm.gcm_losses(net, x, None, cfg, cfg["eps"])["loss"]
+            run.update(opt, loss, net.parameters())
+        return step
+    return build
+
+
+# Eq. (39): one forward-backward + one forward without gradient; the MMD (Eq. 46) adds only the
+# pairwise distances; Eq. (6): a forward-mode JVP instead of the second forward.
+step_cost("gcm/cu-fd-l2")(gcm_step(["--mmd-group", "1"]))
+step_cost("gcm/cu-fd-mmd")(gcm_step([]))
+step_cost("gcm/vu-fd-mmd")(gcm_step(["--variant", "vu"]))
+step_cost("gcm/cu-analytic")(gcm_step(["--mmd-group", "1", "--jvp", "analytic"]))
+
+
+def gcm_toy(variant, sampler):
+    """GCM's toy preset (Table 1, every module on): CU with the restart sampler or VU with the pushforward
+    sampler, at 1, 2 and 4 NFE. One entry per variant, so each row gets its own training time."""
+    def runner(dataset, out, steps):
+        import gcm
+        ev = run_eval(gcm.main, ["--variant", variant, "--nfe", "1", "2", "4"], dataset, out, steps)
+        return {f"gcm/{variant}-{sampler}": nfe_scores(ev["swd"])}
+    return runner
+
+
+toy_quality("gcm-cu")(gcm_toy("cu", "restart"))
+toy_quality("gcm-vu")(gcm_toy("vu", "pushforward"))
+
+
 def measure(names, model_name, batch, size, repeats, warmup, run):
     steps = {n: STEPS[n](model_name, batch, size, run) for n in names}
     cuda = run.device.type == "cuda"

@@ -46,6 +46,21 @@ def direct_adapter(variant, out, rank):
     return cfg, [v, w], lambda v_model, w_model: direct.direct_losses(v_model, w_model, x1, y, cfg)["loss"]
 
 
+
+@adapter("gcm")
+def gcm_adapter(variant, out, rank):
+    """cu-l2: Eq. (39) with dropout (one mask for both passes); vu-mmd: VU with the time-aware MMD
+    (Eq. 46); analytic: Eq. (6), the JVP on the module inside DDP; imm: shared-time MMD (Table 7i)."""
+    import gcm
+    flags = {"cu-l2": ["--mmd-group", "1", "--dropout", "0.2"], "vu-mmd": ["--variant", "vu"],
+             "analytic": ["--mmd-group", "1", "--jvp", "analytic", "--dropout", "0.2"],
+             "imm": ["--mmd-share-time", "--mmd-sigma", "inf"]}[variant]
+    cfg = gcm.parse_config(["--dataset", "moons", "--out", out, "--batch-size", "16"] + flags)
+    data = common.load_dataset("moons")
+    net = gcm.build_model(cfg, data)
+    x, _ = toy_batch(data, rank)
+    return cfg, [net], lambda model: gcm.gcm_losses(model, x, None, cfg, cfg["eps"])["loss"]
+
 def flat(params):
     return torch.cat([p.detach().reshape(-1) for p in params])
 
