@@ -84,6 +84,45 @@ def direct_step(model_name, batch, size, run):
     return step
 
 
+
+def scm_step(mode, **flags):
+    """sCM, Alg. 1, built from scm.py's own functions on the backbone of its image presets (adaptive double
+    normalisation, c_noise(t) = t at time scale 1), with the same AdamW as fm/plain so the ratio measures
+    the method, not the optimizer. sCT: one JVP (no graph) + one forward-backward; sCD adds the teacher's
+    forward (two batched branches with CFG)."""
+    def build(model_name, batch, size, run):
+        import scm
+        cfg = {**scm.DEFAULTS, "mode": mode, "class_cond": "cfg_max" in flags, "warmup_iters": 100, **flags}
+        kw = dict(time_scale=cfg["time_scale"], adanorm=cfg["adanorm"])
+        if cfg["class_cond"]:
+            kw.update(num_classes=10)
+        net = backbone(model_name, size, extra_cond=scm.guided(cfg), **kw).to(run.device)
+        weight = scm.AdaptiveWeight(cfg["sigma_d"]).to(run.device)
+        params = list(net.parameters()) + list(weight.parameters())
+        opt = common.make_optimizer("adamw", params, 1e-4)
+        x = batch_of(batch, size, run.device)
+        y = torch.randint(0, 10, (batch,), device=run.device) if cfg["class_cond"] else None
+        teacher = None
+        if mode == "scd":
+            teacher = backbone(model_name, size, class_dropout=0.1, **kw).to(run.device).eval().requires_grad_(False)
+
+        def step():
+            with run.autocast():
+                if mode == "diffusion":
+                    loss = scm.teacher_losses(net, x, y, cfg)["loss"]
+                else:
+                    loss = scm.scm_losses(net, weight, x, y, 50, cfg, teacher)["loss"]
+            run.update(opt, loss, params)
+        return step
+    return build
+
+
+step_cost("scm/diffusion")(scm_step("diffusion"))
+step_cost("scm/sct")(scm_step("sct"))
+step_cost("scm/scd")(scm_step("scd"))
+step_cost("scm/scd-cfg")(scm_step("scd", cfg_max=2.0))
+step_cost("scm/sct-discrete")(scm_step("sct", discrete_steps=18))
+
 def measure(names, model_name, batch, size, repeats, warmup, run):
     steps = {n: STEPS[n](model_name, batch, size, run) for n in names}
     cuda = run.device.type == "cuda"
