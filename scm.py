@@ -222,7 +222,7 @@ def scm_losses(model, weight_model, x0, y, step, cfg, teacher=None):
     g_rms = per_sample_norm(g) / math.sqrt(g[0].numel())
     g = normalize_tangent(g, cfg["tangent"], cfg["tangent_c"], cfg["tangent_norm"])   # l.7
     err = (F_theta.float() - F_minus - g).pow(2).flatten(1).mean(1)         # ||.||^2 / D per sample, (B,)
-    w_phi = weight_model(t) if cfg["adaptive_weight"] else torch.zeros_like(err)
+    w_phi = weight_model(t) if weight_model is not None else torch.zeros_like(err)    # w_phi = 0: Fig. 5b "w/o"
     loss = (torch.exp(w_phi) * err - w_phi).mean()                         # l.8, Eq. (8)
     return {"loss": loss, "mse": err.mean().detach(), "w_phi": w_phi.mean().detach(),
             "g_rms": g_rms.mean().detach(), "r": torch.tensor(r)}
@@ -364,7 +364,7 @@ def train(cfg):
         teacher = build_net(tcfg, data)
         teacher.load_state_dict(tstate)
         teacher = teacher.to(run.device).eval().requires_grad_(False)
-    if cfg["mode"] != "diffusion":
+    if cfg["mode"] != "diffusion" and cfg["adaptive_weight"]:
         weight = AdaptiveWeight(cfg["sigma_d"]).to(run.device)
         weight_model = run.wrap(weight)                         # w_phi is trained too: its gradient is synced
         state["weight"] = weight
