@@ -166,11 +166,12 @@ def scm_toy(dataset, out, steps):
     Section 5.2 at 1, 2 and 4 f evaluations (intermediate times 1.1 for 2 steps; 1.1, 0.73, 0.37 for 4), and
     the sCD teacher (Eq. 4) with its PF-ODE sampler (Eq. 3, DDIM steps) at 1, 2, 4 and 100 steps."""
     import scm
-    sct = run_eval(scm.main, ["--mode", "sct", "--nfe", "1", "2", "4"], os.path.join(out, "sct"), steps)
-    teacher = run_eval(scm.main, ["--mode", "diffusion", "--nfe", "1", "2", "4", "100"], os.path.join(out, "teacher"),
-                       steps)
+    sct = run_eval(scm.main, ["--mode", "sct", "--nfe", "1", "2", "4"], dataset, os.path.join(out, "sct"),
+                   steps)
+    teacher = run_eval(scm.main, ["--mode", "diffusion", "--nfe", "1", "2", "4", "100"], dataset,
+                       os.path.join(out, "teacher"), steps)
     scd = run_eval(scm.main, ["--mode", "scd", "--teacher", os.path.join(out, "teacher", "ckpt.pt"), "--nfe", "1", "2",
-                              "4"], os.path.join(out, "scd"), steps)
+                              "4"], dataset, os.path.join(out, "scd"), steps)
     return {"scm/sct": nfe_scores(sct["swd"]), "scm/scd": nfe_scores(scd["swd"]),
             "scm/teacher-ode": nfe_scores(teacher["swd"])}
 
