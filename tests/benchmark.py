@@ -139,6 +139,38 @@ def gcm_step(flags):
     return build
 
 
+def scm_step(mode, **flags):
+    """sCM, Alg. 1, built from scm.py's own functions on the backbone of its image presets (adaptive double
+    normalisation, c_noise(t) = t at time scale 1), with the same AdamW as fm/plain so the ratio measures
+    the method, not the optimizer. sCT: one JVP (no graph) + one forward-backward; sCD adds the teacher's
+    forward (two batched branches with CFG)."""
+    def build(model_name, batch, size, run):
+        import scm
+        cfg = {**scm.DEFAULTS, "mode": mode, "class_cond": "cfg_max" in flags, "warmup_iters": 100, **flags}
+        kw = dict(time_scale=cfg["time_scale"], adanorm=cfg["adanorm"])
+        if cfg["class_cond"]:
+            kw.update(num_classes=10)
+        net = backbone(model_name, size, extra_cond=scm.guided(cfg), **kw).to(run.device)
+        weight = scm.AdaptiveWeight(cfg["sigma_d"]).to(run.device)
+        params = list(net.parameters()) + list(weight.parameters())
+        opt = common.make_optimizer("adamw", params, 1e-4)
+        x = batch_of(batch, size, run.device)
+        y = torch.randint(0, 10, (batch,), device=run.device) if cfg["class_cond"] else None
+        teacher = None
+        if mode == "scd":
+            teacher = backbone(model_name, size, class_dropout=0.1, **kw).to(run.device).eval().requires_grad_(False)
+
+        def step():
+            with run.autocast():
+                if mode == "diffusion":
+                    loss = scm.teacher_losses(net, x, y, cfg)["loss"]
+                else:
+                    loss = scm.scm_losses(net, weight, x, y, 50, cfg, teacher)["loss"]
+            run.update(opt, loss, params)
+        return step
+    return build
+
+
 # Eq. (39): one forward-backward + one forward without gradient; the MMD (Eq. 46) adds only the
 # pairwise distances; Eq. (6): a forward-mode JVP instead of the second forward.
 step_cost("gcm/cu-fd-l2")(gcm_step(["--mmd-group", "1"]))
@@ -159,6 +191,29 @@ def gcm_toy(variant, sampler):
 
 toy_quality("gcm-cu")(gcm_toy("cu", "restart"))
 toy_quality("gcm-vu")(gcm_toy("vu", "pushforward"))
+
+
+step_cost("scm/diffusion")(scm_step("diffusion"))
+step_cost("scm/sct")(scm_step("sct"))
+step_cost("scm/scd")(scm_step("scd"))
+step_cost("scm/scd-cfg")(scm_step("scd", cfg_max=2.0))
+step_cost("scm/sct-discrete")(scm_step("sct", discrete_steps=18))
+
+
+@toy_quality("scm")
+def scm_toy(dataset, out, steps):
+    """scm.py's own toy preset: sCT and sCD (Alg. 1 with every stabiliser) with the consistency sampler of
+    Section 5.2 at 1, 2 and 4 f evaluations (intermediate times 1.1 for 2 steps; 1.1, 0.73, 0.37 for 4), and
+    the sCD teacher (Eq. 4) with its PF-ODE sampler (Eq. 3, DDIM steps) at 1, 2, 4 and 100 steps."""
+    import scm
+    sct = run_eval(scm.main, ["--mode", "sct", "--nfe", "1", "2", "4"], dataset, os.path.join(out, "sct"),
+                   steps)
+    teacher = run_eval(scm.main, ["--mode", "diffusion", "--nfe", "1", "2", "4", "100"], dataset,
+                       os.path.join(out, "teacher"), steps)
+    scd = run_eval(scm.main, ["--mode", "scd", "--teacher", os.path.join(out, "teacher", "ckpt.pt"), "--nfe", "1", "2",
+                              "4"], dataset, os.path.join(out, "scd"), steps)
+    return {"scm/sct": nfe_scores(sct["swd"]), "scm/scd": nfe_scores(scd["swd"]),
+            "scm/teacher-ode": nfe_scores(teacher["swd"])}
 
 
 def measure(names, model_name, batch, size, repeats, warmup, run):

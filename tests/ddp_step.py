@@ -46,7 +46,6 @@ def direct_adapter(variant, out, rank):
     return cfg, [v, w], lambda v_model, w_model: direct.direct_losses(v_model, w_model, x1, y, cfg)["loss"]
 
 
-
 @adapter("gcm")
 def gcm_adapter(variant, out, rank):
     """cu-l2: Eq. (39) with dropout (one mask for both passes); vu-mmd: VU with the time-aware MMD
@@ -60,6 +59,31 @@ def gcm_adapter(variant, out, rank):
     net = gcm.build_model(cfg, data)
     x, _ = toy_batch(data, rank)
     return cfg, [net], lambda model: gcm.gcm_losses(model, x, None, cfg, cfg["eps"])["loss"]
+
+
+@adapter("scm")
+def scm_adapter(variant, out, rank):
+    """sCT / sCD (with guidance) / discrete-time sCT: nets are F_theta and w_phi, both DDP-wrapped; the JVP
+    inside scm.scm_losses runs on the unwrapped F_theta. The teacher is a frozen random network."""
+    import scm
+    args = ["--dataset", "moons", "--out", out, "--batch-size", "16", "--warmup-iters", "10", "--dropout", "0.1"]
+    args += {"sct": ["--mode", "sct"], "discrete": ["--mode", "sct", "--discrete-steps", "8"],
+             "scd-cfg": ["--mode", "scd", "--teacher", "unused", "--init", "none", "--class-cond", "--cfg-max", "2"],
+             }[variant]
+    cfg = scm.parse_config(args)
+    data = common.load_dataset("moons")
+    cfg["data_shape"] = list(data.shape)
+    net, weight = scm.build_net(cfg, data), scm.AdaptiveWeight(cfg["sigma_d"])
+    teacher = None
+    if cfg["mode"] == "scd":
+        teacher = scm.build_net({**cfg, "mode": "diffusion", "cfg_max": 1.0, "class_dropout": 0.1}, data)
+        torch.nn.init.normal_(teacher.out.weight, std=0.3)
+        teacher.eval().requires_grad_(False)
+    x0, y = toy_batch(data, rank)
+    y = y if cfg["class_cond"] else None
+    return cfg, [net, weight], lambda model, weight_model: scm.scm_losses(model, weight_model, x0, y, 5, cfg,
+                                                                          teacher)["loss"]
+
 
 def flat(params):
     return torch.cat([p.detach().reshape(-1) for p in params])
