@@ -84,6 +84,48 @@ def direct_step(model_name, batch, size, run):
     return step
 
 
+
+def decm_setup(model_name, batch, size, run, losses):
+    """A DE-CM student (two times) and its frozen one-time teacher, unconditional, the defaults of decm.py."""
+    import decm
+    cfg = {**decm.DEFAULTS, **decm.ROLE_DEFAULTS["student"], "losses": losses}
+    student = backbone(model_name, size, two_times=True, time_scale=cfg["time_scale"]).to(run.device)
+    teacher = backbone(model_name, size, time_scale=cfg["time_scale"]).to(run.device).eval().requires_grad_(False)
+    opt = common.make_optimizer("adamw", student.parameters(), 1e-4)
+
+    def velocity(x, t, y):
+        return teacher(x, t, y=y)
+    return decm, cfg, student, opt, velocity, batch_of(batch, size, run.device)
+
+
+@step_cost("decm/cd+fm")
+def decm_cd_fm_step(model_name, batch, size, run):
+    """DE-CM Alg. 1 l.2-15: one teacher forward without gradient, one JVP (no graph), one forward-backward
+    over F(z_t, t, 1) and F(z_t, t, t) batched."""
+    decm, cfg, student, opt, velocity, x = decm_setup(model_name, batch, size, run, ["fm", "cd"])
+
+    def step():
+        with run.autocast():
+            b = decm.prepare(x, None, velocity, cfg, False)
+            loss = decm.cd_fm_loss(student, b, None, cfg)["loss"]
+        run.update(opt, loss, student.parameters())
+    return step
+
+
+@step_cost("decm/n2n+fm")
+def decm_n2n_fm_step(model_name, batch, size, run):
+    """DE-CM Alg. 1 l.17-28: the teacher at z_t and z_r (one batched forward; in training it is shared with
+    that iteration's CD+FM update), one JVP, the teacher at f(z_r, r, t) for v_psi, one forward-backward
+    over F(z_r, r, t) and F(z_t, t, t) batched."""
+    decm, cfg, student, opt, velocity, x = decm_setup(model_name, batch, size, run, ["fm", "cd", "n2n"])
+
+    def step():
+        with run.autocast():
+            b = decm.prepare(x, None, velocity, cfg, True)
+            loss = decm.n2n_fm_loss(student, velocity, b, None, cfg)["loss"]
+        run.update(opt, loss, student.parameters())
+    return step
+
 def measure(names, model_name, batch, size, repeats, warmup, run):
     steps = {n: STEPS[n](model_name, batch, size, run) for n in names}
     cuda = run.device.type == "cuda"
