@@ -19,20 +19,23 @@ The teacher velocity may be guided (Eq. 18) with the guidance term normalised (A
 (Section 4.5, Fig. 5): the CM sampler (jump to data, re-noise with fresh noise), Euler on F(x, t, t),
 and the Mix sampler (a deterministic noise-to-noisy jump first, CM steps after).
 
-    python decm.py --dataset checkerboard --losses fm --out runs/teacher          # 1. the FM teacher
-    python decm.py --dataset checkerboard --teacher runs/teacher/ckpt.pt          # 2. DE-CM student
-    python decm.py --dataset cifar10 --losses fm --out runs/decm-cifar10-teacher  # unconditional CIFAR-10
-    python decm.py --dataset cifar10 --teacher runs/decm-cifar10-teacher/ckpt.pt
+    python decm.py --dataset checkerboard          # FM teacher into OUT/teacher, then the student: minutes on a CPU
+    python decm.py --dataset checkerboard --losses fm --out runs/teacher          # or the two stages apart:
+    python decm.py --dataset checkerboard --teacher runs/teacher/ckpt.pt
+    python decm.py --dataset cifar10                                              # unconditional CIFAR-10
     torchrun --nproc_per_node 8 decm.py --imagenet-latents --teacher T.pt         # AdamW 1e-4, CFG + norm
     python decm.py --sample-only --ckpt runs/decm-cifar10/ckpt.pt --samplers cm mix euler --nfe 4 8 12 16 --fid 50000
 
 Table 3 a-g: --losses fm | cd | fm,cd | fm,n2n | fm,cd,n2n (rows a/b are the teacher, sampled with
 --w-cfg 1 / 1.75); h-i: --no-velocity-norm; j-l: --t-schedule segments | arctan | lognorm; m-o: --freq 1 | 3 | 5.
 Table 4: --samplers euler cm mix --nfe 4 8 12 16 on a trained student. Without --teacher, a run with
-CD or N2N trains from scratch on v_t = x - z (Alg. 1 l.6 comment).
+CD or N2N first trains the FM teacher for --teacher-steps into OUT/teacher; with --teacher-steps 0 it
+trains from scratch on v_t = x - z (Alg. 1 l.6 comment).
 """
 import argparse
 import math
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -358,7 +361,7 @@ def load_teacher(cfg, data):
     return teacher.eval().requires_grad_(False), ckpt["ema"]
 
 
-def train(cfg):
+def train(cfg, close=True):
     run = common.Run(cfg)
     data = common.load_dataset(cfg["dataset"], cfg["data_path"])
     role = cfg["role"]
@@ -406,7 +409,21 @@ def train(cfg):
             run.checkpoint(done, state)
     run.save_samples(f"step{cfg['steps']}", sample, data)
     run.evaluate(sample, data)
-    run.close()
+    if close:
+        run.close()
+
+
+def train_teacher_first(cfg, argv):
+    """Stage 1 when a student has no --teacher and --teacher-steps > 0: the FM teacher, trained by this
+    script with the same flags into OUT/teacher (resumed if a checkpoint is there, skipped once done),
+    becomes the student's --teacher."""
+    path = os.path.join(cfg["out"], "teacher", "ckpt.pt")
+    if not (os.path.isfile(path) and common.load_checkpoint(path, "decm")["step"] >= cfg["teacher_steps"]):
+        tcfg = parse_config(argv + ["--losses", "fm", "--steps", str(cfg["teacher_steps"]), "--out", os.path.dirname(path)])
+        tcfg.update(resume=os.path.isfile(path), fid=0)
+        train(tcfg, close=False)                         # under torchrun the process group carries on
+    cfg["teacher"] = path
+    inherit_from_teacher(cfg, {})
 
 
 def sample_only(cfg):
@@ -429,7 +446,7 @@ def sample_only(cfg):
 # frequencies (up to time_scale rad per unit time) set the size of those derivatives; at 1000 the CD
 # residual of the toy student grew to ~1e3 and training diverged (cf. sCM Section 4.1 on low time frequencies).
 DEFAULTS = dict(
-    losses="fm,cd,n2n", teacher=None, freq=3, w1="1", w2="1", lam=1.0, gamma=1.0, r_max=0.05,
+    losses="fm,cd,n2n", teacher=None, teacher_steps=0, freq=3, w1="1", w2="1", lam=1.0, gamma=1.0, r_max=0.05,
     n2n_form="derived", t_schedule=None, segments=16, t_mean=0.0, t_std=1.0, adaptive_p=0.5, adaptive_c=1e-3,
     fm_cos=None, w_cfg=1.0, eta=1.0, velocity_norm=True, class_dropout=0.1, weight_decay=0.0, time_scale=10.0,
     samplers=[], mix_split=1, nfe=[1, 2, 4],
@@ -443,15 +460,15 @@ PRESETS = {
     # hold. Not given in the paper (our choices): batch 256, 250 epochs of 1.28M images (Table 1
     # caption) = 1.25M steps, EMA 0.9999, w_cfg 1.75 (the guided teacher of Table 3b).
     "imagenet-latents": dict(model="DiT-XL/2", batch_size=256, steps=1_250_000, lr=1e-4, ema_decay=0.9999,
-                             class_cond=True, w_cfg=1.75, log_every=100, sample_every=10_000,
-                             ckpt_every=10_000),
+                             class_cond=True, w_cfg=1.75, teacher_steps=400_000, log_every=100,
+                             sample_every=10_000, ckpt_every=10_000),
     # No CIFAR-10 run in the paper: the ImageNet optimiser, unconditional (--class-cond adds labels and
     # --w-cfg guidance), DiT-B/2 on 32x32 pixels, x-flips, EMA half-life 500k images.
     "cifar10": dict(model="DiT-B/2", batch_size=128, steps=400_000, lr=1e-4, ema_halflife_kimg=500, xflip=True,
-                    log_every=100, sample_every=10_000, ckpt_every=10_000),
+                    teacher_steps=400_000, log_every=100, sample_every=10_000, ckpt_every=10_000),
     # 2D toy sets: the MLP; teacher and student each train in about a minute on a laptop CPU.
-    "toy": dict(model="MLP", batch_size=256, steps=2000, lr=1e-3, ema_decay=0.995, log_every=100,
-                ckpt_every=1000, samplers=["cm", "mix", "euler"]),
+    "toy": dict(model="MLP", batch_size=256, steps=2000, lr=1e-3, ema_decay=0.995, teacher_steps=2000,
+                log_every=100, ckpt_every=1000, samplers=["cm", "mix", "euler"]),
 }
 
 
@@ -485,6 +502,8 @@ def parse_config(argv=None):
                        "--teacher trains the flow-matching teacher (default fm,cd,n2n)")
     a("--teacher", help="checkpoint of the FM teacher F_tea (decm.py --losses fm); without it CD/N2N train "
                         "from scratch on v_t = x - z (Alg. 1 l.6)")
+    a("--teacher-steps", type=int, help="without --teacher: first train the FM teacher for this many steps "
+      "into OUT/teacher (presets: toy 2000, images 400k); 0 trains the student from scratch")
     a("--freq", type=int, help="N2N update every freq iterations, Alg. 1 l.17 (Table 3 m-o; default 3)")
     a("--w1", choices=["1", "1-t"], help="w_1(t) of Alg. 1 l.10: 1 (Eq. 10 with w'=1, default) or 1-t (Eq. 7)")
     a("--w2", choices=["1", "t-r"], help="w_2(r, t) of Alg. 1 l.24: 1 (default) or t-r")
@@ -523,12 +542,14 @@ def parse_config(argv=None):
             cfg[key] = value if cfg[key] is None else cfg[key]
         if cfg["teacher"]:
             inherit_from_teacher(cfg, given)
-        if cfg["w_cfg"] != 1.0 and cfg["role"] == "student" and not cfg["teacher"]:
-            raise common.UserError("--w-cfg guides a teacher: give --teacher (from scratch, v_t = x - z has no guidance)")
+        if cfg["w_cfg"] != 1.0 and cfg["role"] == "student" and not cfg["teacher"] and not cfg["teacher_steps"]:
+            raise common.UserError("--w-cfg guides a teacher: give --teacher or --teacher-steps > 0 "
+                                   "(from scratch, v_t = x - z has no guidance)")
     checks = [(cfg["freq"] >= 1, f"--freq must be >= 1, got {cfg['freq']}"),
               (0 <= cfg["r_max"] < 1, f"--r-max must lie in [0, 1), got {cfg['r_max']}"),
               (cfg["segments"] >= 1, f"--segments must be >= 1, got {cfg['segments']}"),
               (cfg["mix_split"] >= 1, f"--mix-split must be >= 1, got {cfg['mix_split']}"),
+              (cfg["teacher_steps"] >= 0, f"--teacher-steps must be >= 0, got {cfg['teacher_steps']}"),
               (cfg["t_std"] > 0, f"--t-std must be > 0, got {cfg['t_std']}"),
               (min(cfg["nfe"]) >= 1, f"--nfe values must be >= 1, got {cfg['nfe']}"),
               (cfg["w_cfg"] == 1.0 or cfg["class_cond"], "--w-cfg needs a class-conditional model (--class-cond)")]
@@ -539,8 +560,13 @@ def parse_config(argv=None):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     cfg = parse_config(argv)
-    return sample_only(cfg) if cfg["sample_only"] else train(cfg)
+    if cfg["sample_only"]:
+        return sample_only(cfg)
+    if cfg["role"] == "student" and not cfg["teacher"] and cfg["teacher_steps"] > 0:
+        train_teacher_first(cfg, argv)
+    return train(cfg)
 
 
 if __name__ == "__main__":

@@ -253,32 +253,42 @@ def test_samplers_on_the_exact_map():
 # Training runs
 
 def test_teacher_then_student_on_toy_data(tmp_path):
-    """checkerboard: the FM teacher, then the DE-CM student from it. 1- and 2-step samples beat the
-    noise prior by a wide margin; at 4 NFE the Mix sampler is at least as good as the CM sampler."""
-    teacher = tmp_path / "teacher"
-    decm.main(["--dataset", "checkerboard", "--losses", "fm", "--steps", "800", "--batch-size", "128", "--nfe", "4",
-               "--out", str(teacher)])
-    student = tmp_path / "student"
-    decm.main(["--dataset", "checkerboard", "--teacher", str(teacher / "ckpt.pt"), "--steps", "600",
-               "--batch-size", "128", "--ema-decay", "0.99", "--out", str(student)])
-    ev = json.load(open(student / "eval.json"))
-    data = np.load(student / "samples" / "data.npy")
+    """`decm.py --dataset checkerboard` trains the FM teacher (OUT/teacher), then the DE-CM student from
+    it. 1- and 2-step samples beat the noise prior by a wide margin; at 4 NFE the Mix sampler is at
+    least as good as the CM sampler."""
+    out = tmp_path / "run"
+    decm.main(["--dataset", "checkerboard", "--teacher-steps", "800", "--steps", "600", "--batch-size", "128",
+               "--ema-decay", "0.99", "--out", str(out)])
+    ev = json.load(open(out / "eval.json"))
+    data = np.load(out / "samples" / "data.npy")
     prior = common.sliced_wasserstein(torch.randn(len(data), 2, generator=torch.Generator().manual_seed(0)),
                                       torch.from_numpy(data))
-    print(f"prior {prior:.4f} teacher Euler-4 {json.load(open(teacher / 'eval.json'))['swd']['4']:.4f}; student "
-          + " ".join(f"{k}={v}" for k, v in ev.items()))
+    print(f"prior {prior:.4f} teacher Euler-4 {json.load(open(out / 'teacher' / 'eval.json'))['swd']['4']:.4f}; "
+          "student " + " ".join(f"{k}={v}" for k, v in ev.items()))
     assert ev["swd"]["1"] < 0.4 * prior and ev["swd"]["2"] < 0.4 * prior
     assert ev["swd_mix"]["4"] <= ev["swd_cm"]["4"]
     assert ev["swd"]["4"] == ev["swd_mix"]["4"] and ev["swd"]["1"] == ev["swd_cm"]["1"]
-    cfg = json.load(open(student / "config.json"))
+    cfg = json.load(open(out / "config.json"))
     assert cfg["role"] == "student" and cfg["losses"] == ["fm", "cd", "n2n"] and cfg["t_schedule"] == "segments"
-    log = [json.loads(l) for l in open(student / "log.jsonl")]
+    assert cfg["teacher"] == str(out / "teacher" / "ckpt.pt")
+    assert json.load(open(out / "teacher" / "config.json"))["role"] == "teacher"
+    log = [json.loads(l) for l in open(out / "log.jsonl")]
     assert log[-1]["step"] == 600 and {"cm", "fm", "n2n", "fm_n2n", "grad_norm", "grad_norm_n2n"} <= set(log[-1])
-    assert (student / "samples" / "step600_mix_nfe4.png").exists() and (student / "samples" / "nfe1.npy").exists()
+    assert (out / "samples" / "step600_mix_nfe4.png").exists() and (out / "samples" / "nfe1.npy").exists()
     # --sample-only from the checkpoint reproduces the evaluation without training
-    decm.main(["--sample-only", "--ckpt", str(student / "ckpt.pt"), "--out", str(tmp_path / "s"), "--nfe", "1"])
+    decm.main(["--sample-only", "--ckpt", str(out / "ckpt.pt"), "--out", str(tmp_path / "s"), "--nfe", "1"])
     again = json.load(open(tmp_path / "s" / "eval.json"))
     assert again["swd"]["1"] == pytest.approx(ev["swd"]["1"], abs=1e-9)
+
+
+def test_from_scratch_run(tmp_path):
+    """--teacher-steps 0: no teacher at all, v_t = v_r = x - z and v_psi from the student itself."""
+    decm.main(["--dataset", "moons", "--teacher-steps", "0", "--steps", "4", "--freq", "2", "--batch-size", "32",
+               "--eval-samples", "64", "--log-every", "1", "--out", str(tmp_path)])
+    assert json.load(open(tmp_path / "config.json"))["teacher"] is None and not (tmp_path / "teacher").exists()
+    log = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
+    assert len(log) == 4 and all(np.isfinite(r["cm"]) and np.isfinite(r["n2n"]) for r in log)
+    assert "swd_mix" in json.load(open(tmp_path / "eval.json"))
 
 
 def test_one_dit_image_step(tmp_path, cifar_root):
@@ -345,8 +355,9 @@ def test_bad_teacher_checkpoints(teacher_ckpt, tmp_path, capsys):
     (["--dataset", "moons", "--freq", "0"], "--freq must be"),
     (["--dataset", "moons", "--r-max", "1.5"], "--r-max must"),
     (["--dataset", "moons", "--mix-split", "0"], "--mix-split must"),
+    (["--dataset", "moons", "--teacher-steps", "-1"], "--teacher-steps must"),
     (["--dataset", "moons", "--losses", "fm", "--w-cfg", "2"], "class-conditional"),
-    (["--dataset", "moons", "--class-cond", "--w-cfg", "2"], "give --teacher"),
+    (["--dataset", "moons", "--class-cond", "--teacher-steps", "0", "--w-cfg", "2"], "give --teacher"),
     (["--dataset", "moons", "--samplers", "ddim"], "invalid choice"),
     (["--dataset", "moons", "--resume", "--out", "/nonexistent/run"], "checkpoint not found"),
     (["--sample-only", "--ckpt", "/nonexistent.pt"], "checkpoint not found"),
