@@ -91,6 +91,20 @@ def enable_tf32():
     torch.backends.cudnn.allow_tf32 = True
 
 
+def tune_cpu_allocator():
+    """Keep freed tensor memory in the process on glibc (CPU runs). By default glibc hands every large
+    freed block back to the OS and page-faults it in again at the next step; for a training loop that
+    reallocates the same activations every step this costs ~10-20% of a CPU step (sys time). Same
+    effect as MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ in the environment; a no-op elsewhere."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-1, 1 << 30)      # M_TRIM_THRESHOLD: do not trim the heap below 1 GiB of free space
+        libc.mallopt(-3, 1 << 30)      # M_MMAP_THRESHOLD: serve blocks up to 1 GiB from the heap
+    except (OSError, AttributeError):
+        pass
+
+
 def seed_everything(seed, dist_info):
     """Per-rank seed (DiT convention): ranks draw different noise and times, reproducibly."""
     torch.manual_seed(seed * dist_info.world_size + dist_info.rank)
@@ -1143,6 +1157,8 @@ class Run:
         self.device = self.dist.device
         if self.device.type == "cuda":
             enable_tf32()
+        else:
+            tune_cpu_allocator()
         if cfg["batch_size"] % self.dist.world_size:
             raise UserError(f"global batch {cfg['batch_size']} is not divisible by the world size {self.dist.world_size}")
         self.batch_per_rank = cfg["batch_size"] // self.dist.world_size
@@ -1151,7 +1167,7 @@ class Run:
         self.is_main = self.dist.is_main
         self.skips = 0            # consecutive non-finite steps
         self.skipped_total = 0
-        self._acc, self._acc_n, self._t_last = {}, 0, time.time()
+        self._acc, self._acc_n, self._t_last, self._lr = {}, 0, time.time(), None
         if self.is_main:
             os.makedirs(os.path.join(self.out, "samples"), exist_ok=True)
         self.logger = JSONLLogger(os.path.join(self.out, "log.jsonl"), self.is_main)
@@ -1187,6 +1203,7 @@ class Run:
         gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip and clip > 0 else float("inf"))
         ok = torch.isfinite(gnorm) & torch.isfinite(loss.detach())
         ok = all_reduce_sum(ok.float()) == self.dist.world_size          # every rank decides alike
+        self._lr = opt.param_groups[0]["lr"]
         if bool(ok):
             opt.step()
             self.skips = 0
@@ -1224,6 +1241,8 @@ class Run:
         now = time.time()
         rec = {"step": done, "kimg": round(done * self.cfg["batch_size"] / 1000, 3)}
         rec.update({k: float(v) for k, v in zip(keys, vec.tolist())})
+        if self._lr is not None:
+            rec["lr"] = self._lr
         rec.update(sec_per_step=round((now - self._t_last) / self._acc_n, 5), skipped=self.skipped_total)
         self._acc, self._acc_n, self._t_last = {}, 0, now
         self.logger.write(rec)

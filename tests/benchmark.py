@@ -10,6 +10,13 @@ ratio of medians to flow matching (and the peak-memory ratio on CUDA).
 
 Every entry of STEPS builds its update from the method file's own loss functions:
     STEPS["<method>/<variant>"] = builder(model_name, batch, size, run) -> step()   (one update)
+
+Table b, sample quality on a 2D toy set: every entry of TOYS trains its method with the method's
+own toy preset through the script's `main` (in this process) and returns the sliced Wasserstein
+distances its run wrote to eval.json, per sampler and NFE:
+    TOYS["<method>"] = runner(dataset, out, steps) -> {"<method>/<sampler>": {nfe: swd}}
+steps=None keeps the preset's length (--toy-steps shortens every run for a smoke test). The table adds
+the noise prior and the data-vs-data floor (two independent held-out sets of the same size).
 """
 import argparse
 import json
@@ -26,6 +33,8 @@ import torch  # noqa: E402
 import common  # noqa: E402
 
 STEPS = {}
+TOYS = {}
+TOY_NFES = (1, 2, 4, 100)
 
 
 def step_cost(name):
@@ -33,6 +42,25 @@ def step_cost(name):
         STEPS[name] = fn
         return fn
     return register
+
+
+def toy_quality(method):
+    def register(fn):
+        TOYS[method] = fn
+        return fn
+    return register
+
+
+def run_eval(main, argv, dataset, out, steps):
+    """Train with a method script's own main on the toy preset and return its eval.json."""
+    argv = ["--dataset", dataset, "--out", out, "--log-every", "1000000", *argv]
+    main(argv + (["--steps", str(steps)] if steps else []))
+    with open(os.path.join(out, "eval.json")) as f:
+        return json.load(f)
+
+
+def nfe_scores(scores):
+    return {int(k): v for k, v in scores.items()}
 
 
 class ImageShape:
@@ -126,6 +154,29 @@ def decm_n2n_fm_step(model_name, batch, size, run):
         run.update(opt, loss, student.parameters())
     return step
 
+
+@toy_quality("direct")
+def direct_toy(dataset, out, steps):
+    """The one-step direct map, and its jointly trained v_theta (pure CFM, Eq. 15) with the Euler sampler:
+    the flow-matching baseline at 1, 4 and 100 steps."""
+    import direct
+    ev = run_eval(direct.main, ["--euler-steps", "1", "4", "100"], dataset, out, steps)
+    return {"direct/one-step": nfe_scores(ev["swd"]), "fm/euler": nfe_scores(ev["swd_euler"])}
+
+
+@toy_quality("decm")
+def decm_toy(dataset, out, steps):
+    """DE-CM with its toy preset: `decm.py --dataset D` trains the FM teacher into OUT/teacher, then the
+    student (fm,cd,n2n); the CM, Mix and Euler samplers of Table 4 at 1, 2, 4 NFE, and the teacher's Euler."""
+    import decm
+    short = ["--teacher-steps", str(steps)] if steps else []
+    ev = run_eval(decm.main, ["--samplers", "cm", "mix", "euler", "--nfe", "1", "2", "4", *short], dataset, out, steps)
+    with open(os.path.join(out, "teacher", "eval.json")) as f:
+        teacher = json.load(f)
+    rows = {f"decm/{s}": nfe_scores(ev[f"swd_{s}"]) for s in ("cm", "mix", "euler")}
+    return {**rows, "decm/FM-teacher-euler": nfe_scores(teacher["swd"])}
+
+
 def measure(names, model_name, batch, size, repeats, warmup, run):
     steps = {n: STEPS[n](model_name, batch, size, run) for n in names}
     cuda = run.device.type == "cuda"
@@ -166,6 +217,39 @@ def step_table(res, cuda):
     return "\n".join(rows)
 
 
+def toy_table(dataset, steps, only, tmp):
+    """Table b: {row: {nfe: swd}}, each method trained by its own toy preset, then prior and floor."""
+    rows, seconds = {}, {}
+    for method, runner in TOYS.items():
+        if only and not any(o in method for o in only):
+            continue
+        t0 = time.perf_counter()
+        res = runner(dataset, os.path.join(tmp, "toy-" + method), steps)
+        seconds.update({r: time.perf_counter() - t0 for r in res})
+        rows.update(res)
+    n = common.COMMON_DEFAULTS["eval_samples"]
+    data = common.load_dataset(dataset)
+    held_out = data.sample(n, generator=torch.Generator().manual_seed(10_000))[0]
+    other = data.sample(n, generator=torch.Generator().manual_seed(20_000))[0]
+    noise = torch.randn(n, 2, generator=torch.Generator().manual_seed(30_000))
+    rows["noise prior (0 NFE)"] = {0: common.sliced_wasserstein(noise, held_out)}
+    rows["data vs data (floor)"] = {0: common.sliced_wasserstein(other, held_out)}
+    return rows, seconds
+
+
+def toy_markdown(rows, seconds):
+    head = "| method / sampler | " + " | ".join(f"{k} NFE" for k in TOY_NFES) + " | train s |"
+    lines = [head, "|---|" + "---|" * (len(TOY_NFES) + 1)]
+    for name, scores in rows.items():
+        if 0 in scores:                                 # prior and floor: one figure, spread over the row
+            cells = [f"{scores[0]:.4f}"] + [""] * (len(TOY_NFES) - 1)
+        else:
+            cells = [f"{scores[k]:.4f}" if k in scores else "-" for k in TOY_NFES]
+        t = f"{seconds[name]:.0f}" if name in seconds else ""
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {t} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="DiT-S/2")
@@ -177,21 +261,38 @@ def main(argv=None):
     p.add_argument("--bf16", action="store_true", help="bf16 autocast where the method allows (CUDA)")
     p.add_argument("--only", nargs="*", help="substrings of the step names to run (fm/plain always runs)")
     p.add_argument("--json", help="also write the figures as JSON")
+    p.add_argument("--toy-dataset", default="checkerboard", choices=common.TOY_SETS)
+    p.add_argument("--toy-steps", type=int, help="shorten every toy run to this many steps (smoke test)")
+    p.add_argument("--skip", nargs="*", default=[], choices=["step-cost", "toy"], help="leave a table out")
     args = p.parse_args(argv)
     names = [n for n in STEPS if n == "fm/plain" or not args.only or any(s in n for s in args.only)]
+    figures = {"setting": vars(args)}
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = {**common.COMMON_DEFAULTS, "method": "benchmark", "dataset": "cifar10", "out": tmp,
-               "batch_size": args.batch, "device": args.device, "bf16": args.bf16}
-        run = common.Run(cfg)
-        torch.manual_seed(0)
-        res = measure(names, args.model, args.batch, args.size, args.repeats, args.warmup, run)
-    device = torch.cuda.get_device_name() if run.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"\nTraining-step cost: {args.model} at {args.size}x{args.size}, batch {args.batch}, {device}"
-          f"{', bf16 autocast' if args.bf16 else ''}; median of {args.repeats} interleaved steps\n")
-    print(step_table(res, run.device.type == "cuda"))
+        if "step-cost" not in args.skip:
+            cfg = {**common.COMMON_DEFAULTS, "method": "benchmark", "dataset": "cifar10", "out": tmp,
+                   "batch_size": args.batch, "device": args.device, "bf16": args.bf16}
+            run = common.Run(cfg)
+            torch.manual_seed(0)
+            res = measure(names, args.model, args.batch, args.size, args.repeats, args.warmup, run)
+            cuda = run.device.type == "cuda"
+            device = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
+            figures["step_cost"], figures["setting"]["device_name"] = res, device
+            print(f"\nTraining-step cost: {args.model} at {args.size}x{args.size}, batch {args.batch}, {device}"
+                  f"{', bf16 autocast' if args.bf16 else ''}; median of {args.repeats} interleaved steps\n")
+            print(step_table(res, cuda))
+        if "toy" not in args.skip:
+            torch.manual_seed(0)
+            rows, seconds = toy_table(args.toy_dataset, args.toy_steps, args.only, tmp)
+            figures["toy"] = {f"{r}/nfe{k}": v for r, scores in rows.items() if "/" in r for k, v in scores.items()}
+            figures["toy"]["prior"] = rows["noise prior (0 NFE)"][0]
+            figures["toy"]["floor"] = rows["data vs data (floor)"][0]
+            print(f"\nSample quality on {args.toy_dataset}: sliced Wasserstein distance to "
+                  f"{common.COMMON_DEFAULTS['eval_samples']} held-out points (lower is better), each method's "
+                  f"toy preset{f', {args.toy_steps} steps' if args.toy_steps else ''}\n")
+            print(toy_markdown(rows, seconds))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"step_cost": res, "setting": vars(args) | {"device_name": device}}, f, indent=1)
+            json.dump(figures, f, indent=1)
 
 
 if __name__ == "__main__":

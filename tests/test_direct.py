@@ -124,7 +124,7 @@ def test_toy_run_beats_the_prior_and_nears_flow_matching(tmp_path):
     assert np.load(out / "samples" / "nfe1.npy").shape == (4096, 2)
     assert (out / "samples" / "step1200_nfe1.png").exists() and (out / "config.json").exists()
     log = [json.loads(l) for l in open(out / "log.jsonl")]
-    assert log[-1]["step"] == 1200 and {"cfm", "prop", "grad_norm", "sec_per_step"} <= set(log[-1])
+    assert log[-1]["step"] == 1200 and {"cfm", "prop", "grad_norm", "lr", "sec_per_step", "skipped", "kimg"} <= set(log[-1])
     # --sample-only from the checkpoint reproduces the evaluation without training
     direct.main(["--sample-only", "--ckpt", str(out / "ckpt.pt"), "--out", str(tmp_path / "s"), "--euler-steps", "4"])
     again = json.load(open(tmp_path / "s" / "eval.json"))
