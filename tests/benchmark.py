@@ -112,6 +112,48 @@ def direct_step(model_name, batch, size, run):
     return step
 
 
+def decm_setup(model_name, batch, size, run, losses):
+    """A DE-CM student (two times) and its frozen one-time teacher, unconditional, the defaults of decm.py."""
+    import decm
+    cfg = {**decm.DEFAULTS, **decm.ROLE_DEFAULTS["student"], "losses": losses}
+    student = backbone(model_name, size, two_times=True, time_scale=cfg["time_scale"]).to(run.device)
+    teacher = backbone(model_name, size, time_scale=cfg["time_scale"]).to(run.device).eval().requires_grad_(False)
+    opt = common.make_optimizer("adamw", student.parameters(), 1e-4)
+
+    def velocity(x, t, y):
+        return teacher(x, t, y=y)
+    return decm, cfg, student, opt, velocity, batch_of(batch, size, run.device)
+
+
+@step_cost("decm/cd+fm")
+def decm_cd_fm_step(model_name, batch, size, run):
+    """DE-CM Alg. 1 l.2-15: one teacher forward without gradient, one JVP (no graph), one forward-backward
+    over F(z_t, t, 1) and F(z_t, t, t) batched."""
+    decm, cfg, student, opt, velocity, x = decm_setup(model_name, batch, size, run, ["fm", "cd"])
+
+    def step():
+        with run.autocast():
+            b = decm.prepare(x, None, velocity, cfg, False)
+            loss = decm.cd_fm_loss(student, b, None, cfg)["loss"]
+        run.update(opt, loss, student.parameters())
+    return step
+
+
+@step_cost("decm/n2n+fm")
+def decm_n2n_fm_step(model_name, batch, size, run):
+    """DE-CM Alg. 1 l.17-28: the teacher at z_t and z_r (one batched forward; in training it is shared with
+    that iteration's CD+FM update), one JVP, the teacher at f(z_r, r, t) for v_psi, one forward-backward
+    over F(z_r, r, t) and F(z_t, t, t) batched."""
+    decm, cfg, student, opt, velocity, x = decm_setup(model_name, batch, size, run, ["fm", "cd", "n2n"])
+
+    def step():
+        with run.autocast():
+            b = decm.prepare(x, None, velocity, cfg, True)
+            loss = decm.n2n_fm_loss(student, velocity, b, None, cfg)["loss"]
+        run.update(opt, loss, student.parameters())
+    return step
+
+
 @toy_quality("direct")
 def direct_toy(dataset, out, steps):
     """The one-step direct map, and its jointly trained v_theta (pure CFM, Eq. 15) with the Euler sampler:
@@ -214,6 +256,22 @@ def scm_toy(dataset, out, steps):
                               "4"], dataset, os.path.join(out, "scd"), steps)
     return {"scm/sct": nfe_scores(sct["swd"]), "scm/scd": nfe_scores(scd["swd"]),
             "scm/teacher-ode": nfe_scores(teacher["swd"])}
+
+
+@toy_quality("decm")
+def decm_toy(dataset, out, steps):
+    """DE-CM with its toy preset: `decm.py --dataset D` trains the FM teacher into OUT/teacher, then the
+    student (fm,cd,n2n); the CM, Mix and Euler samplers of Table 4 at 1, 2, 4 NFE, and the teacher's Euler.
+    1500 teacher + 1200 student steps (the preset's 2000 + 2000 would take over 3 minutes on 2 cores; the
+    notebook shows 1000 student steps already near the floor)."""
+    import decm
+    teacher_steps = ["--teacher-steps", str(steps or 1500)]
+    ev = run_eval(decm.main, ["--samplers", "cm", "mix", "euler", "--nfe", "1", "2", "4", *teacher_steps],
+                  dataset, out, steps or 1200)
+    with open(os.path.join(out, "teacher", "eval.json")) as f:
+        teacher = json.load(f)
+    rows = {f"decm/{s}": nfe_scores(ev[f"swd_{s}"]) for s in ("cm", "mix", "euler")}
+    return {**rows, "decm/FM-teacher-euler": nfe_scores(teacher["swd"])}
 
 
 def measure(names, model_name, batch, size, repeats, warmup, run):

@@ -85,6 +85,39 @@ def scm_adapter(variant, out, rank):
                                                                           teacher)["loss"]
 
 
+@adapter("decm")
+def decm_adapter(variant, out, rank):
+    """DE-CM's two updates, each on its own: CD+FM (Alg. 1 l.8-15) and N2N+FM (l.17-28), with a
+    random teacher (unguided, or CFG with velocity normalization), from scratch, and the FM teacher."""
+    import decm
+    cond = variant.startswith("cfg")
+    args = ["--dataset", "moons", "--out", out, "--batch-size", "16"] + (["--class-cond"] if cond else [])
+    cfg = decm.parse_config(args + (["--losses", "fm"] if variant == "teacher" else []))
+    data = common.load_dataset("moons")
+    x, y = toy_batch(data, rank)
+    y = y if cond else None
+    if variant == "teacher":
+        net = decm.build_net(cfg, data, "teacher")
+        return cfg, [net], lambda model: decm.teacher_loss(model, decm.prepare(x, y, None, cfg, False), y, cfg)["loss"]
+    student, velocity = decm.build_net(cfg, data, "student"), None
+    if not variant.startswith("scratch"):
+        cfg["w_cfg"] = 1.5 if cond else 1.0
+        teacher = decm.build_net(cfg, data, "teacher").eval().requires_grad_(False)
+        with torch.no_grad():
+            for p in teacher.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+
+        def velocity(x_, t_, y_):
+            return decm.guided_velocity(teacher, x_, t_, y_, cfg["w_cfg"], cfg["eta"], cfg["velocity_norm"])
+    n2n = variant.endswith("n2n-fm")
+
+    def loss_fn(model):
+        batch = decm.prepare(x, y, velocity, cfg, n2n)
+        if n2n:
+            return decm.n2n_fm_loss(model, velocity, batch, y, cfg)["loss"]
+        return decm.cd_fm_loss(model, batch, y, cfg)["loss"]
+    return cfg, [student], loss_fn
+
 def flat(params):
     return torch.cat([p.detach().reshape(-1) for p in params])
 

@@ -1,0 +1,573 @@
+"""DE-CM: "Dual-End Consistency Model" (Dong et al., ../shared/papers/decm.txt).
+
+The method in a paragraph. Noise sits at t=0 and data at t=1, z_t = (1-t) z + t x, and a network F
+with two times parameterises the flow map (Eq. 9)
+    f(x_t, t, s) = x_t + (s - t) F(x_t, t, s),        s >= t,
+which moves a point of the probability-flow ODE from time t to time s. Instead of training every
+pair (t, s), DE-CM distils a flow-matching teacher v_phi into three families of pairs ("sub-trajectory
+clusters", Fig. 3), each a loss that vanishes at the exact flow map:
+  - consistency (s = 1), Eq. (10)/(11), Alg. 1 l.8-11: f(x_t, t, 1) is constant along the ODE, so
+        g_cm = F - v_t - (1 - t) dF/dt,   dF/dt = JVP of F at (z_t, t, 1) along (v_t, 1, 0),
+    and F(z_t, t, 1) regresses on sg(F) - w_1(t) g_cm;
+  - instantaneous (s = t), Eq. (17), l.13-14: F(z_t, t, t) regresses on v_t (MSE + cosine loss), the
+    boundary condition that keeps training stable (Section 4.3);
+  - noise-to-noisy (left end r -> 0, right end t), Eq. (12)-(15), l.17-28: the map from (almost) pure
+    noise to any time t, trained every `freq` iterations in its own update with a fresh L_fm;
+        g_n2n = (lam + gam) F - lam v_r - gam v_psi - (t - r) JVP of F at (z_r, r, t) along (lam v_r, lam, -gam),
+    v_psi = v_phi(f(z_r, r, t), t) (see n2n_residual for why this is the derivable form).
+The teacher velocity may be guided (Eq. 18) with the guidance term normalised (Alg. 1 l.6). Sampling
+(Section 4.5, Fig. 5): the CM sampler (jump to data, re-noise with fresh noise), Euler on F(x, t, t),
+and the Mix sampler (a deterministic noise-to-noisy jump first, CM steps after).
+
+    python decm.py --dataset checkerboard          # FM teacher into OUT/teacher, then the student: minutes on a CPU
+    python decm.py --dataset checkerboard --losses fm --out runs/teacher          # or the two stages apart:
+    python decm.py --dataset checkerboard --teacher runs/teacher/ckpt.pt
+    python decm.py --dataset cifar10                                              # unconditional CIFAR-10
+    torchrun --nproc_per_node 8 decm.py --imagenet-latents --teacher T.pt         # AdamW 1e-4, CFG + norm
+    python decm.py --sample-only --ckpt runs/decm-cifar10/ckpt.pt --samplers cm mix euler --nfe 4 8 12 16 --fid 50000
+
+Table 3 a-g: --losses fm | cd | fm,cd | fm,n2n | fm,cd,n2n (rows a/b are the teacher, sampled with
+--w-cfg 1 / 1.75); h-i: --no-velocity-norm; j-l: --t-schedule segments | arctan | lognorm; m-o: --freq 1 | 3 | 5.
+Table 4: --samplers euler cm mix --nfe 4 8 12 16 on a trained student. Without --teacher, a run with
+CD or N2N first trains the FM teacher for --teacher-steps into OUT/teacher; with --teacher-steps 0 it
+trains from scratch on v_t = x - z (Alg. 1 l.6 comment).
+"""
+import argparse
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import common
+import dit
+
+INTERP = common.NoiseAt0()          # z_t = (1 - t) z + t x: noise z at t = 0, data x at t = 1
+LOSS_NAMES = ("fm", "cd", "n2n")
+
+
+# ==============================================================================================
+# The method
+
+def fp32(x):
+    """At least fp32 (bf16 activations are upcast for losses and norms; float64 stays float64)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def flow_map(x, t, s, F_val):
+    """Eq. (9): f(x_t, t, s) = x_t + (s - t) F(x_t, t, s)."""
+    return x + common.bcast(s - t, x) * F_val
+
+
+def guided_velocity(teacher, x, t, y, w_cfg=1.0, eta=1.0, normalize=True):
+    """v_phi of Alg. 1 l.5-6 (and l.20-21): the teacher velocity, classifier-free guided when w_cfg != 1.
+        plain CFG, Eq. (18):        v = v_cond + (w_cfg - 1) (v_cond - v_uncond)
+        velocity normalization, l.6: v = v_cond + (w_cfg - 1) eta (v_cond - v_uncond) / ||v_cond - v_uncond||
+    ||.|| is the per-sample RMS (L2 norm / sqrt(#elements)); the paper does not say which norm. With the
+    plain L2 norm the guidance step would shrink like 1/sqrt(dimension), so no eta could carry from 2D toy
+    data to 32x16x16 latents; with the RMS, eta is the per-element size of the guidance step."""
+    if y is None or w_cfg == 1.0:
+        return teacher(x, t, y=y)
+    null = torch.full_like(y, teacher.null_label)
+    v_cond, v_uncond = teacher(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, null])).chunk(2)
+    diff = fp32(v_cond) - fp32(v_uncond)                                     # fp32: the norm of a small difference
+    if normalize:
+        rms = diff.pow(2).mean(dim=tuple(range(1, diff.dim())), keepdim=True).sqrt()
+        diff = eta * diff / (rms + 1e-6)                                     # l.6
+    return v_cond + (w_cfg - 1) * diff                                       # Eq. (18)
+
+
+def adaptive_loss(pred, target, p, c):
+    """Section 4.4, adaptive loss weighting (MeanFlow/FACM): d / sg(d + c)^p per sample, d the mean
+    squared error; p = 0.5 makes it a pseudo-Huber loss, p = 0 plain MSE. Used as d_1 and d_3 of Alg. 1."""
+    d = (fp32(pred) - fp32(target)).pow(2).flatten(1).mean(1)               # (B,)
+    return (d / (d.detach() + c).pow(p)).mean()
+
+
+def cosine_loss(pred, target):
+    """L_cos of Eq. (17): 1 - cosine similarity over channels, averaged over positions, per sample."""
+    cos = F.cosine_similarity(fp32(pred), fp32(target), dim=1, eps=1e-8)   # (B,) or (B, H, W)
+    return (1 - cos).flatten(1).mean(1) if cos.dim() > 1 else 1 - cos         # (B,)
+
+
+def fm_loss(F_fm, v_t, cos_weight=1.0):
+    """d_2 of Alg. 1 l.14, Eq. (17): ||F(z_t, t, t) - v_t||^2 + L_cos(F(z_t, t, t), v_t)."""
+    mse = (fp32(F_fm) - fp32(v_t)).pow(2).flatten(1).mean(1)                 # (B,)
+    return (mse + cos_weight * cosine_loss(F_fm, v_t) if cos_weight else mse).mean()
+
+
+def weight(kind, t, r=None):
+    """w_1(t) and w_2(r, t), not given numerically in the paper. "1": the target is sg(F) - g, i.e.
+    Eq. (10) with w'(t) = 1 gives v_bar (the "average velocity" target). "1-t" / "t-r": Eq. (7)'s
+    w'(t) = w(t) eps (1 - t) / 2 with w = 1/eps, up to the factor 1/2: the gradient of the discrete
+    consistency loss, which fades where the map is the identity (s - t -> 0)."""
+    if kind == "1":
+        return torch.ones_like(t)
+    return 1 - t if kind == "1-t" else t - r
+
+
+def cm_residual(F_net, z_t, t, v_t, jvp=common.jvp):
+    """Alg. 1 l.8-9, Eq. (11): (F_minus, g_cm) with g_cm = F_minus - v_t - (1 - t) dF_minus/dt, where
+    dF/dt = [d_x F, d_t F, d_s F] . [v_t, 1, 0] at (z_t, t, s = 1). It is minus the time derivative of
+    f(x_t, t, 1) along the ODE, so g_cm = 0 exactly when f(., ., 1) is the consistency function.
+    F_net is the module itself (not DDP): the JVP carries no graph (stop-gradient weights)."""
+    one = torch.ones_like(t)
+    F_minus, dF_dt = jvp(F_net, (z_t, t, one), (v_t, one, torch.zeros_like(t)))   # l.8, Eq. (11)
+    return F_minus, F_minus - v_t - common.bcast(1 - t, z_t) * dF_dt               # l.9
+
+
+def n2n_residual(F_net, velocity, z_r, r, t, v_r, lam, gam, v_t=None, literal=False, jvp=common.jvp):
+    """Alg. 1 l.22-23, Eq. (12)-(15): (F_minus, g_n2n) for the map f(z_r, r, t) from r -> 0 to t.
+
+    Two identities hold for the exact flow map, each a time derivative of f(x_r, r, t) = x_r + (t-r) F:
+      left end  (consistency in r, x_r moving along the ODE): v_r - F + (t - r) [d_x F v_r + d_r F] = 0
+      right end (f moves with the ODE in t, Eq. 13):          F + (t - r) d_t F - v_phi(f, t) = 0
+    gam x right - lam x left gives
+      g = (lam + gam) F - lam v_r - gam v_psi - (t - r) JVP(F; (lam v_r, lam, -gam)),  v_psi = v_phi(f, t),
+    the tangent of l.22 (lam v_r, lam, -gam) with each velocity paired with its own end. This is the
+    default, and it vanishes at the exact flow map for every lam, gam (tests/test_decm.py).
+
+    The paper states it twice, differently. Eq. (15) pairs lam with v_psi and gam with v_phi (only equal
+    to the above when lam = gam). Alg. 1 l.23 reads g = (lam + gam) sg(F_cm) - lam (v_r + (t - r) dF_cm)
+    - gam v_t: the right-end velocity is v_t, the teacher at the *interpolant* z_t = (1-t) z + t x rather
+    than at the predicted point f(z_r, r, t), and the JVP (already scaled by lam) is scaled by lam again.
+    literal=True implements l.23, reading F_cm/dF_cm as F_n2n/dF_n2n of l.22 (F_cm does not exist in the
+    FM + N2N setting of Table 3f); it does not vanish at the exact map since z_t != f(z_r, r, t)."""
+    F_minus, dF = jvp(F_net, (z_r, r, t), (lam * v_r, lam * torch.ones_like(r), -gam * torch.ones_like(t)))  # l.22
+    span = common.bcast(t - r, z_r)
+    if literal:
+        return F_minus, (lam + gam) * F_minus - lam * (v_r + span * dF) - gam * v_t   # l.23 as printed
+    v_psi = velocity(flow_map(z_r, r, t, F_minus), t)                               # Eq. (13): v_tea(f_minus, t)
+    return F_minus, (lam + gam) * F_minus - lam * v_r - gam * v_psi - span * dF     # Eq. (14)
+
+
+def teacher_loss(model, batch, y, cfg):
+    """The flow-matching teacher (--losses fm without --teacher), Eq. (3): F(z_t, t) regresses on x - z;
+    a one-time network (the student adds s later). The cosine term of Eq. (17) only if --fm-cos > 0."""
+    L_fm = fm_loss(model(batch["z_t"], batch["t"], y=y), batch["v_t"], cfg["fm_cos"])
+    return {"loss": L_fm, "fm": L_fm.detach()}
+
+
+def cd_fm_loss(model, batch, y, cfg):
+    """Alg. 1 l.8-15: L_cm (Eq. 10) + L_fm (Eq. 17), both from one update.
+
+    The JVP runs on the module without DDP and without a graph; the gradient pass is one DDP forward over
+    both student evaluations, F(z_t, t, 1) and F(z_t, t, t), batched (DDP allows one forward per backward)."""
+    z_t, t, v_t = batch["z_t"], batch["t"], batch["v_t"]
+    with_cd, with_fm = "cd" in cfg["losses"], "fm" in cfg["losses"]
+    net = common.unwrap(model)
+    if with_cd:
+        F_minus, g = cm_residual(lambda x, a, b: net(x, a, b, y=y), z_t, t, v_t)
+        target = F_minus - common.bcast(weight(cfg["w1"], t), g) * g                      # l.10
+    s = [torch.ones_like(t)] * with_cd + [t] * with_fm                                     # l.8: s = 1; l.13: s = t
+    k = len(s)
+    F_all = model(torch.cat([z_t] * k), torch.cat([t] * k), torch.cat(s),
+                  y=None if y is None else torch.cat([y] * k)).chunk(k)                     # k x (B, ...)
+    out, loss = {}, 0.0
+    if with_cd:
+        out["cm"] = adaptive_loss(F_all[0], target, cfg["adaptive_p"], cfg["adaptive_c"])  # l.11, d_1
+        out["g_cm"] = fp32(g).pow(2).mean().sqrt()                                        # RMS, a diagnostic
+        loss = loss + out["cm"]
+    if with_fm:
+        out["fm"] = fm_loss(F_all[-1], v_t, cfg["fm_cos"])                                  # l.14, d_2
+        loss = loss + out["fm"]
+    return {"loss": loss, **{k_: v.detach() for k_, v in out.items()}}                      # l.15: their sum
+
+
+def n2n_fm_loss(model, velocity, batch, y, cfg):
+    """Alg. 1 l.18-28: L_n2n (Eq. 15) + a fresh L_fm (l.26-27), one update of their sum (l.28).
+
+    velocity(x, t, y): v_phi, for v_psi; None when training from scratch, where the student's own
+    instantaneous velocity sg(F(x, t, t)) (what L_fm trains) stands in for the teacher."""
+    z_r, r, t, v_r = batch["z_r"], batch["r"], batch["t"], batch["v_r"]
+    net = common.unwrap(model)
+
+    @torch.no_grad()
+    def v_phi(x, s):
+        return fp32(net(x, s, s, y=y) if velocity is None else velocity(x, s, y))
+    F_minus, g = n2n_residual(lambda x, a, b: net(x, a, b, y=y), v_phi, z_r, r, t, v_r, cfg["lam"],
+                              cfg["gamma"], batch["v_t"], cfg["n2n_form"] == "literal")
+    target = F_minus - common.bcast(weight(cfg["w2"], t, r), g) * g                          # l.24
+    with_fm = "fm" in cfg["losses"]
+    if with_fm:                                         # F(z_r, r, t) and F(z_t, t, t) in one DDP forward
+        y2 = None if y is None else torch.cat([y, y])
+        F_n2n, F_fm = model(torch.cat([z_r, batch["z_t"]]), torch.cat([r, t]), torch.cat([t, t]), y=y2).chunk(2)
+    else:
+        F_n2n = model(z_r, r, t, y=y)
+    out = {"n2n": adaptive_loss(F_n2n, target, cfg["adaptive_p"], cfg["adaptive_c"])}     # l.25, d_3
+    loss = out["n2n"]
+    if with_fm:
+        out["fm_n2n"] = fm_loss(F_fm, batch["v_t"], cfg["fm_cos"])                         # l.26-27, d_2
+        loss = loss + out["fm_n2n"]
+    out["g_n2n"] = fp32(g).pow(2).mean().sqrt()                                          # RMS, a diagnostic
+    return {"loss": loss, **{k: v.detach() for k, v in out.items()}}
+
+
+# ----------------------------------------------------------------------------------------------
+# Time schedules (Section 4.4, Table 3 j-l)
+
+class ArctanNormal:
+    """"arctan-norm": sCM's log-normal noise level tau ~ N(m, s^2) pushed through the TrigFlow angle,
+    rescaled to [0, 1] with data at 1: t = 1 - (2/pi) arctan(e^tau) (the same construction as FACM's
+    default sampler, https://github.com/ali-vilab/FACM, losses.py)."""
+
+    def __init__(self, m=0.0, s=1.0):
+        self.m, self.s = m, s
+
+    def sample(self, n, device="cpu"):
+        tau = self.m + self.s * torch.randn(n, device=device, dtype=torch.float64)
+        return (1 - 2 / math.pi * torch.atan(torch.exp(tau))).float()
+
+    def cdf(self, t):
+        # t <= u  <=>  tau >= log tan(pi (1 - u) / 2)
+        u = torch.as_tensor(t, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
+        z = (torch.log(torch.tan(math.pi * (1 - u) / 2)) - self.m) / self.s
+        return 0.5 * (1 - torch.erf(z / math.sqrt(2)))
+
+
+def time_schedule(cfg):
+    """t of Alg. 1 l.3. "segments": uniform over the N+1 endpoints of N equal segments (Section 4.4,
+    the paper's choice; N = 16 puts every 1/2/4/8/16-step sampler time on the grid)."""
+    kind = cfg["t_schedule"]
+    if kind == "segments":
+        return common.Segments(cfg["segments"])
+    if kind == "uniform":
+        return common.Uniform(0.0, 1.0)
+    if kind == "lognorm":
+        return common.LogitNormal(cfg["t_mean"], cfg["t_std"])                   # t = sigmoid(u), u ~ N(m, s^2)
+    return ArctanNormal(cfg["t_mean"], cfg["t_std"])
+
+
+def prepare(x, y, velocity, cfg, with_n2n):
+    """Alg. 1 l.2-6 (and l.18-21 on N2N iterations): noise, times, interpolants and v_phi. On N2N
+    iterations the teacher sees z_t and z_r in one batched call. velocity: the guided teacher, or None
+    (from scratch: v_t = v_r = x - z, the conditional velocity, l.6 comment)."""
+    z = torch.randn_like(x)                                                    # l.2
+    t = time_schedule(cfg).sample(len(x), x.device)                            # l.3
+    z_t, v_cond = INTERP(x, z, t)                                              # l.4
+    batch = dict(z=z, t=t, z_t=z_t)
+    if with_n2n:
+        r = torch.minimum(cfg["r_max"] * torch.rand(len(x), device=x.device), t)   # l.18: r -> 0 (and r <= t)
+        batch.update(r=r, z_r=INTERP(x, z, r)[0])                              # l.19
+    if velocity is None:
+        batch.update(v_t=v_cond, v_r=v_cond)
+        return batch
+    with torch.no_grad():
+        if with_n2n:                                                           # l.5 and l.20 in one call
+            y2 = None if y is None else torch.cat([y, y])
+            batch["v_t"], batch["v_r"] = velocity(torch.cat([z_t, batch["z_r"]]), torch.cat([t, batch["r"]]), y2).chunk(2)
+        else:
+            batch["v_t"] = velocity(z_t, t, y)                                 # l.5-6
+    return batch
+
+
+# ==============================================================================================
+# Samplers (Section 4.5, Fig. 5). F(x, t, s, y) is the student network; time grids are uniform.
+
+def _times(n, i, x):
+    return torch.full((len(x),), i / n, device=x.device)
+
+
+@torch.no_grad()
+def sample_cm(F_net, x, nfe, y=None, generator=None, start=0):
+    """Fig. 5b: at t_i = i/nfe jump to data, x1 = f(x, t_i, 1), and re-noise x1 with fresh noise to
+    t_{i+1}; the last jump is the sample. start > 0 begins at t_start (the Mix sampler's CM phase)."""
+    for i in range(start, nfe):
+        t = _times(nfe, i, x)
+        one = torch.ones_like(t)
+        x1 = flow_map(x, t, one, F_net(x, t, one, y))
+        if i + 1 < nfe:
+            t_next = common.bcast(_times(nfe, i + 1, x), x)
+            x = (1 - t_next) * common.randn(x.shape, generator, x.device) + t_next * x1
+    return x1
+
+
+@torch.no_grad()
+def sample_euler(F_net, x, nfe, y=None, generator=None):
+    """Fig. 5a: Euler on the PF-ODE dx/dt = F(x, t, t) (Eq. 4), nfe uniform steps from 0 to 1."""
+    for i in range(nfe):
+        t = _times(nfe, i, x)
+        x = x + F_net(x, t, t, y) / nfe
+    return x
+
+
+@torch.no_grad()
+def sample_mix(F_net, x, nfe, y=None, generator=None, split=1):
+    """Fig. 5c: `split` deterministic flow-map steps x <- f(x, t_i, t_{i+1}) (Eq. 9) first, then CM steps
+    from t_split. The first step leaves pure noise through the noise-to-noisy map that L_n2n trains, so
+    the early, noisiest steps neither predict data nor inject fresh noise (Section 4.5). split is capped
+    at nfe - 1 (the last evaluation lands on data); with one NFE this is the CM map."""
+    k = min(split, nfe - 1)
+    for i in range(k):
+        t, s = _times(nfe, i, x), _times(nfe, i + 1, x)
+        x = flow_map(x, t, s, F_net(x, t, s, y))
+    return sample_cm(F_net, x, nfe, y, generator, start=k)
+
+
+@torch.no_grad()
+def sample_auto(F_net, x, nfe, y=None, generator=None, split=1):
+    """The paper's choice per budget (Section 4.5, Tables 3-4): CM for 1-2 NFE, Mix for 3-16, Euler above."""
+    if nfe <= 2:
+        return sample_cm(F_net, x, nfe, y, generator)
+    if nfe <= 16:
+        return sample_mix(F_net, x, nfe, y, generator, split)
+    return sample_euler(F_net, x, nfe, y, generator)
+
+
+SAMPLERS = {"cm": sample_cm, "mix": sample_mix, "euler": sample_euler}
+
+
+def samplers(net, cfg, data, device):
+    """{name: (sample_fn, nfes)} for common.Run.save_samples/evaluate. The student: "" is sample_auto,
+    plus the --samplers named (Table 4). The teacher: Euler on F(x, t) with plain CFG (Eq. 18)."""
+    shape = data.shape
+    if cfg["role"] == "teacher":
+        def F_net(x, t, s, y):
+            return guided_velocity(net, x, t, y, cfg["w_cfg"], normalize=False)
+        fns = {"": (sample_euler, {})}
+    else:
+        def F_net(x, t, s, y):
+            return net(x, t, s, y=y)
+        fns = {"": (sample_auto, {"split": cfg["mix_split"]})}
+        fns.update({name: (SAMPLERS[name], {"split": cfg["mix_split"]} if name == "mix" else {})
+                    for name in cfg["samplers"]})
+
+    def bind(fn, kw):
+        return lambda n, nfe, y, g: fn(F_net, common.randn((n, *shape), g, device), nfe, y, g, **kw)
+    return {name: (bind(fn, kw), cfg["nfe"]) for name, (fn, kw) in fns.items()}
+
+
+# ==============================================================================================
+# Training loop
+
+def build_net(cfg, data, role):
+    """The teacher is a one-time network F(x, t); the student adds s (zero-initialised embedder)."""
+    num_classes = data.num_classes if cfg["class_cond"] else 0
+    return common.build_backbone(cfg, data, num_classes=num_classes, time_scale=cfg["time_scale"],
+                                 class_dropout=cfg["class_dropout"] if role == "teacher" else 0.0,
+                                 two_times=role == "student")
+
+
+def load_teacher(cfg, data):
+    """(teacher, student init state): the teacher's EMA weights, frozen; the student starts from the same
+    weights (Alg. 1 l.1) and, its s embedder being zero, computes exactly the teacher's function."""
+    ckpt = common.load_checkpoint(cfg["teacher"], "decm")
+    teacher = build_net(cfg, data, "teacher")
+    try:
+        dit.load_backbone(teacher, ckpt["ema"])
+    except ValueError as e:
+        raise common.UserError(f"teacher {cfg['teacher']}: {e}") from None
+    return teacher.eval().requires_grad_(False), ckpt["ema"]
+
+
+def train(cfg, close=True):
+    run = common.Run(cfg)
+    data = common.load_dataset(cfg["dataset"], cfg["data_path"])
+    role = cfg["role"]
+    net = build_net(cfg, data, role)
+    teacher, velocity = None, None
+    if cfg["teacher"]:
+        teacher, init = load_teacher(cfg, data)
+        dit.load_backbone(net, init)                                         # Alg. 1 l.1
+        teacher = teacher.to(run.device)
+
+        def velocity(x, t, y):                                               # l.5-6 / l.20-21
+            return guided_velocity(teacher, x, t, y, cfg["w_cfg"], cfg["eta"], cfg["velocity_norm"])
+    net = net.to(run.device)
+    model = run.wrap(net)
+    ema = common.make_ema(net, cfg)
+    opt = common.make_optimizer("adamw", net.parameters(), cfg["lr"], weight_decay=cfg["weight_decay"])
+    loader = common.Loader(data, run.batch_per_rank, run.dist, cfg["seed"], cfg["xflip"])
+    state = dict(model=net, ema=ema, opt=opt, loader=loader)
+    start = run.restore(state)
+    run.save_config()
+    sample = samplers(ema.model, cfg, data, run.device)
+    held = {}                                 # the latest N2N update's figures, logged at every step
+    for step in run.steps(start):
+        x, y = loader.next()
+        y = y if cfg["class_cond"] else None
+        with_n2n = role == "student" and "n2n" in cfg["losses"] and step % cfg["freq"] == 0   # l.17
+        batch = prepare(x, y, velocity, cfg, with_n2n)
+        losses = {}
+        if {"cd", "fm"} & set(cfg["losses"]):
+            with run.autocast():
+                losses = (teacher_loss if role == "teacher" else cd_fm_loss)(model, batch, y, cfg)
+            losses["grad_norm"] = run.update(opt, losses["loss"], net.parameters())   # l.15
+            ema.update(net, cfg["batch_size"])
+        if with_n2n:
+            with run.autocast():
+                n2n = n2n_fm_loss(model, velocity, batch, y, cfg)
+            n2n["grad_norm_n2n"] = run.update(opt, n2n.pop("loss"), net.parameters())   # l.28
+            ema.update(net, cfg["batch_size"])
+            held = n2n
+        run.log(step, {**losses, **held})
+        done = step + 1
+        if cfg["sample_every"] and done % cfg["sample_every"] == 0:
+            run.save_samples(f"step{done}", sample, data)
+        if done % cfg["ckpt_every"] == 0 or done == cfg["steps"]:
+            run.checkpoint(done, state)
+    run.save_samples(f"step{cfg['steps']}", sample, data)
+    run.evaluate(sample, data)
+    if close:
+        run.close()
+
+
+def train_teacher_first(cfg, argv):
+    """Stage 1 when a student has no --teacher and --teacher-steps > 0: the FM teacher, trained by this
+    script with the same flags into OUT/teacher (resumed if a checkpoint is there, skipped once done),
+    becomes the student's --teacher."""
+    path = os.path.join(cfg["out"], "teacher", "ckpt.pt")
+    if not (os.path.isfile(path) and common.load_checkpoint(path, "decm")["step"] >= cfg["teacher_steps"]):
+        tcfg = parse_config(argv + ["--losses", "fm", "--steps", str(cfg["teacher_steps"]), "--out", os.path.dirname(path)])
+        tcfg.update(resume=os.path.isfile(path), fid=0)
+        train(tcfg, close=False)                         # under torchrun the process group carries on
+    cfg["teacher"] = path
+    inherit_from_teacher(cfg, {})
+
+
+def sample_only(cfg):
+    """--sample-only: grids (and --fid, or the toy metric) from the EMA weights of --ckpt."""
+    run = common.Run(cfg)
+    data = common.load_dataset(cfg["dataset"], cfg["data_path"])
+    ckpt = common.load_checkpoint(cfg["ckpt"], "decm")
+    net = build_net(cfg, data, cfg["role"])
+    net.load_state_dict(ckpt["ema"])
+    sample = samplers(net.to(run.device).eval(), cfg, data, run.device)
+    run.save_samples("sample", sample, data)
+    run.evaluate(sample, data)
+    run.close()
+
+
+# ==============================================================================================
+# Presets and command line
+
+# time_scale 10, not the DiT's 1000: the JVPs differentiate F in t and s, and the embedding's
+# frequencies (up to time_scale rad per unit time) set the size of those derivatives; at 1000 the CD
+# residual of the toy student grew to ~1e3 and training diverged (cf. sCM Section 4.1 on low time frequencies).
+DEFAULTS = dict(
+    losses="fm,cd,n2n", teacher=None, teacher_steps=0, freq=3, w1="1", w2="1", lam=1.0, gamma=1.0, r_max=0.05,
+    n2n_form="derived", t_schedule=None, segments=16, t_mean=0.0, t_std=1.0, adaptive_p=0.5, adaptive_c=1e-3,
+    fm_cos=None, w_cfg=1.0, eta=1.0, velocity_norm=True, class_dropout=0.1, weight_decay=0.0, time_scale=10.0,
+    samplers=[], mix_split=1, nfe=[1, 2, 4],
+)
+# what the teacher (plain flow matching, Eq. 3) and the student (Alg. 1) use where a flag is not given
+ROLE_DEFAULTS = {"teacher": dict(t_schedule="uniform", fm_cos=0.0),
+                 "student": dict(t_schedule="segments", fm_cos=1.0)}
+PRESETS = {
+    # Section 5.1: AdamW lr 1e-4, class-conditional with CFG, velocity normalization on. The paper's
+    # backbone is LightningDiT-XL/1 on 32x16x16 VA-VAE latents; ours is DiT-XL/2 on whatever the shards
+    # hold. Not given in the paper (our choices): batch 256, 250 epochs of 1.28M images (Table 1
+    # caption) = 1.25M steps, EMA 0.9999, w_cfg 1.75 (the guided teacher of Table 3b).
+    "imagenet-latents": dict(model="DiT-XL/2", batch_size=256, steps=1_250_000, lr=1e-4, ema_decay=0.9999,
+                             class_cond=True, w_cfg=1.75, teacher_steps=400_000, log_every=100,
+                             sample_every=10_000, ckpt_every=10_000),
+    # No CIFAR-10 run in the paper: the ImageNet optimiser, unconditional (--class-cond adds labels and
+    # --w-cfg guidance), DiT-B/2 on 32x32 pixels, x-flips, EMA half-life 500k images.
+    "cifar10": dict(model="DiT-B/2", batch_size=128, steps=400_000, lr=1e-4, ema_halflife_kimg=500, xflip=True,
+                    teacher_steps=400_000, log_every=100, sample_every=10_000, ckpt_every=10_000),
+    # 2D toy sets: the MLP; teacher and student each train in about a minute on a laptop CPU.
+    "toy": dict(model="MLP", batch_size=256, steps=2000, lr=1e-3, ema_decay=0.995, teacher_steps=2000,
+                log_every=100, ckpt_every=1000, samplers=["cm", "mix", "euler"]),
+}
+
+
+def parse_losses(text):
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [n for n in names if n not in LOSS_NAMES]
+    if bad or not names or len(set(names)) != len(names):
+        raise common.UserError(f"--losses takes a comma list of {', '.join(LOSS_NAMES)} (e.g. fm,cd,n2n), got {text!r}")
+    return [n for n in LOSS_NAMES if n in names]
+
+
+def inherit_from_teacher(cfg, given):
+    """The student's architecture is the teacher's: model, time scale and labels come from its config;
+    a conflicting explicit flag, another data set or a teacher that is itself a student is an error."""
+    tcfg = common.load_checkpoint(cfg["teacher"], "decm")["cfg"]
+    if tcfg.get("role") != "teacher":
+        raise common.UserError(f"{cfg['teacher']} is a DE-CM student, not a flow-matching teacher "
+                               f"(train one with --losses fm and no --teacher)")
+    if tcfg["dataset"] != cfg["dataset"]:
+        raise common.UserError(f"the teacher {cfg['teacher']} was trained on {tcfg['dataset']}, not {cfg['dataset']}")
+    for key, flag in (("model", "--model"), ("time_scale", "--time-scale"), ("class_cond", "--class-cond")):
+        if key in given and given[key] != tcfg[key]:
+            raise common.UserError(f"{flag} {given[key]} conflicts with the teacher's {tcfg[key]}")
+        cfg[key] = tcfg[key]
+
+
+def parse_config(argv=None):
+    p = common.base_parser("decm", __doc__)
+    a = p.add_argument
+    a("--losses", help="comma list of fm (Eq. 17), cd (Eq. 10), n2n (Eq. 15): Table 3 a-g. 'fm' without "
+                       "--teacher trains the flow-matching teacher (default fm,cd,n2n)")
+    a("--teacher", help="checkpoint of the FM teacher F_tea (decm.py --losses fm); without it CD/N2N train "
+                        "from scratch on v_t = x - z (Alg. 1 l.6)")
+    a("--teacher-steps", type=int, help="without --teacher: first train the FM teacher for this many steps "
+      "into OUT/teacher (presets: toy 2000, images 400k); 0 trains the student from scratch")
+    a("--freq", type=int, help="N2N update every freq iterations, Alg. 1 l.17 (Table 3 m-o; default 3)")
+    a("--w1", choices=["1", "1-t"], help="w_1(t) of Alg. 1 l.10: 1 (Eq. 10 with w'=1, default) or 1-t (Eq. 7)")
+    a("--w2", choices=["1", "t-r"], help="w_2(r, t) of Alg. 1 l.24: 1 (default) or t-r")
+    a("--lam", type=float, help="lambda of Eq. (14)/(15), weight of the left-end (r) identity (default 1)")
+    a("--gamma", type=float, help="gamma of Eq. (14)/(15), weight of the right-end (t) identity (default 1)")
+    a("--r-max", type=float, help="r ~ U[0, r_max], the 'r -> 0' of Alg. 1 l.18 (default 0.05)")
+    a("--n2n-form", choices=["derived", "literal"],
+      help="g_n2n: derived = Eq. (14) with v_psi at f(z_r, r, t) (default); literal = Alg. 1 l.23 as printed")
+    a("--t-schedule", choices=["segments", "uniform", "lognorm", "arctan"],
+      help="t of Alg. 1 l.3 (Table 3 j-l): uniform-with-N-segments (student default), uniform (teacher "
+           "default), log-norm, arctan-norm")
+    a("--segments", type=int, help="N of the uniform-with-N-segments schedule, Section 4.4 (default 16)")
+    a("--t-mean", type=float, help="mean of the normal behind log-norm / arctan-norm (default 0)")
+    a("--t-std", type=float, help="std of the normal behind log-norm / arctan-norm (default 1)")
+    a("--adaptive-p", type=float, help="p of the adaptive loss weighting d / sg(d + c)^p, Section 4.4 (default 0.5)")
+    a("--adaptive-c", type=float, help="c of the adaptive loss weighting (default 1e-3)")
+    a("--fm-cos", type=float, help="weight of L_cos in L_fm, Eq. (17) (student default 1; teacher default 0, Eq. 3)")
+    a("--w-cfg", type=float, help="w_cfg of Eq. (18) for the teacher velocity (default 1 = no guidance)")
+    a("--eta", type=float, help="eta of Alg. 1 l.6: RMS size of the normalised guidance direction (default 1)")
+    a("--velocity-norm", action=argparse.BooleanOptionalAction,
+      help="velocity normalization, Alg. 1 l.6 (default on); --no-velocity-norm is plain CFG, Eq. (18), Table 3 i")
+    a("--class-dropout", type=float, help="label dropout of the teacher, for its unconditional velocity (default 0.1)")
+    a("--weight-decay", type=float, help="AdamW weight decay (default 0)")
+    a("--time-scale", type=float, help="time embedding scale: time_scale * t goes into the sinusoid (default 10; "
+                                       "students inherit the teacher's)")
+    a("--samplers", nargs="*", choices=list(SAMPLERS), help="extra samplers evaluated over --nfe (Table 4): "
+      "cm (Fig. 5b), mix (Fig. 5c), euler on F(x,t,t) (Fig. 5a); the main one picks per NFE")
+    a("--mix-split", type=int, help="deterministic flow-map steps of the Mix sampler before its CM steps (default 1)")
+    args = p.parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    cfg = common.resolve_config(args, "decm", DEFAULTS, PRESETS)
+    if not cfg["sample_only"]:
+        cfg["losses"] = parse_losses(cfg["losses"])
+        cfg["role"] = "teacher" if cfg["losses"] == ["fm"] and not cfg["teacher"] else "student"
+        for key, value in ROLE_DEFAULTS[cfg["role"]].items():
+            cfg[key] = value if cfg[key] is None else cfg[key]
+        if cfg["teacher"]:
+            inherit_from_teacher(cfg, given)
+        if cfg["w_cfg"] != 1.0 and cfg["role"] == "student" and not cfg["teacher"] and not cfg["teacher_steps"]:
+            raise common.UserError("--w-cfg guides a teacher: give --teacher or --teacher-steps > 0 "
+                                   "(from scratch, v_t = x - z has no guidance)")
+    checks = [(cfg["freq"] >= 1, f"--freq must be >= 1, got {cfg['freq']}"),
+              (0 <= cfg["r_max"] < 1, f"--r-max must lie in [0, 1), got {cfg['r_max']}"),
+              (cfg["segments"] >= 1, f"--segments must be >= 1, got {cfg['segments']}"),
+              (cfg["mix_split"] >= 1, f"--mix-split must be >= 1, got {cfg['mix_split']}"),
+              (cfg["teacher_steps"] >= 0, f"--teacher-steps must be >= 0, got {cfg['teacher_steps']}"),
+              (cfg["t_std"] > 0, f"--t-std must be > 0, got {cfg['t_std']}"),
+              (min(cfg["nfe"]) >= 1, f"--nfe values must be >= 1, got {cfg['nfe']}"),
+              (cfg["w_cfg"] == 1.0 or cfg["class_cond"], "--w-cfg needs a class-conditional model (--class-cond)")]
+    for ok, message in checks:
+        if not ok:
+            raise common.UserError(message)
+    return cfg
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cfg = parse_config(argv)
+    if cfg["sample_only"]:
+        return sample_only(cfg)
+    if cfg["role"] == "student" and not cfg["teacher"] and cfg["teacher_steps"] > 0:
+        train_teacher_first(cfg, argv)
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    common.cli(main)
