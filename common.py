@@ -10,6 +10,7 @@ Command line (besides being imported by the method scripts):
 """
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -347,6 +348,15 @@ class Cosh:
         return (torch.sinh((a - b) * u + b) - math.sinh(b)) / (math.sinh(a) - math.sinh(b))
 
 
+@functools.lru_cache(maxsize=None)
+def _gauss_legendre(n):
+    """Gauss-Legendre nodes and weights on [-1, 1], computed once: numpy's eigensolver behind leggauss
+    leaves BLAS threads spinning after each call, which slowed every training step that built a sampler
+    (a GCM-VU toy step took 3.5x longer on 2 cores)."""
+    x, w = np.polynomial.legendre.leggauss(n)
+    return torch.tensor(x), torch.tensor(w)
+
+
 class UniformPower:
     """GCM Eq. (17): p(u; nu) = nu int_u^1 (1/tau) (1 - u/tau)^(nu-1) dtau on [0, 1] -> [lo, hi].
     Sampled as in App. E.2: u = U1 (1 - (1 - U2)^(1/nu)) with U1, U2 ~ U(0, 1) independent.
@@ -356,8 +366,7 @@ class UniformPower:
 
     def __init__(self, nu=4.0, lo=0.0, hi=1.0):
         self.nu, self.lo, self.hi = nu, lo, hi
-        x, w = np.polynomial.legendre.leggauss(64)
-        self._x, self._w = torch.tensor(x), torch.tensor(w)
+        self._x, self._w = _gauss_legendre(64)
 
     def sample(self, n, device="cpu"):
         u1, u2 = _uniform(n, device), _uniform(n, device)

@@ -1,6 +1,6 @@
-"""tests/benchmark.py keeps working: every registered training step runs once at a tiny size, and every
-toy-quality entry trains a few steps and reports its samplers. (The README's figures come from a full
-run by hand; this only guards the harness against rot.)"""
+"""tests/benchmark.py keeps working: every registered training step runs at a tiny size (batch 4: the
+GCM MMD groups hold 4 samples), and every toy-quality entry trains a few steps and reports its
+samplers. (The README's figures come from a full run by hand; this only guards the harness.)"""
 import json
 import os
 import sys
@@ -12,14 +12,14 @@ import benchmark  # noqa: E402
 
 def test_benchmark_step_cost_and_toy_table_smoke(tmp_path, capsys):
     path = tmp_path / "bench.json"
-    benchmark.main(["--model", "DiT-T/2", "--size", "8", "--batch", "2", "--repeats", "2", "--warmup", "1",
+    benchmark.main(["--model", "DiT-T/2", "--size", "8", "--batch", "4", "--repeats", "2", "--warmup", "1",
                     "--toy-steps", "20", "--toy-dataset", "moons", "--json", str(path)])
     figures = json.loads(path.read_text())
     assert set(figures["step_cost"]) == set(benchmark.STEPS)
     assert all(r["sec"] > 0 and r["ratio"] > 0 for r in figures["step_cost"].values())
     assert figures["step_cost"]["fm/plain"]["ratio"] == 1.0
     toy = figures["toy"]
-    for method in benchmark.TOYS:                      # each method reports its own samplers at 1 NFE at least
+    for method in ("scm", "gcm", "decm", "direct"):    # each method reports its own samplers at 1 NFE at least
         assert any(k.startswith(method + "/") and k.endswith("/nfe1") for k in toy), method
     assert {"fm/euler/nfe1", "fm/euler/nfe4", "fm/euler/nfe100"} <= set(toy)
     assert 0.25 < toy["prior"] < 0.5 and toy["floor"] < 0.1
