@@ -282,11 +282,13 @@ def measure(names, model_name, batch, size, repeats, warmup, run):
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
         for _ in range(warmup):
             steps[n]()
         if cuda:
             torch.cuda.synchronize()
             peaks[n] = torch.cuda.max_memory_allocated()
+        print(f"warm-up {n}: {(time.perf_counter() - t0) / max(warmup, 1):.3f} s/step", file=sys.stderr, flush=True)
     for _ in range(repeats):                            # interleaved: drift cancels in the ratios
         for n in names:
             if cuda:
