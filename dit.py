@@ -43,18 +43,95 @@ def _under_forward_ad(x):
     return is_functorch_wrapped_tensor(x) or fwAD.unpack_dual(x).tangent is not None
 
 
+class _AttentionJVP(torch.autograd.Function):
+    """softmax(q k^T / sqrt(d)) v by the fused kernel, with a hand-written forward-mode rule.
+
+    With P = softmax(S), S = q k^T / sqrt(d), o = P v, the tangent is
+        dS = (q_t k^T + q k_t^T) / sqrt(d),   o_t = (P * dS) v - rowsum(P * dS) * o + P v_t,
+    since dP = P * (dS - rowsum(P * dS)) (softmax's Jacobian). Five batched matmuls, and the primal is
+    the ordinary forward's fused kernel, so the JVP's primal output matches the plain forward pass."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_forward(*inputs, output)
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def jvp(ctx, q_t, k_t, v_t):
+        q, k, v, out = ctx.saved_tensors
+        q_t, k_t, v_t = (torch.zeros_like(a) if a_t is None else a_t for a, a_t in ((q, q_t), (k, k_t), (v, v_t)))
+        scale = q.shape[-1] ** -0.5
+        P = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)                  # (B, h, T, T)
+        # dS as one matmul over the concatenated head dimension: [q_t, q] [k, k_t]^T = q_t k^T + q k_t^T
+        dS = torch.cat([q_t * scale, q * scale], -1) @ torch.cat([k, k_t], -1).transpose(-2, -1)
+        PdS = dS.mul_(P)                                                          # P * dS, (B, h, T, T)
+        return PdS @ v - PdS.sum(dim=-1, keepdim=True) * out + P @ v_t           # (B, h, T, d)
+
+    @staticmethod
+    def backward(ctx, grad):
+        with torch.enable_grad():
+            q, k, v = (a.detach().requires_grad_() for a in ctx.saved_tensors)
+            out = F.scaled_dot_product_attention(q, k, v)
+        return torch.autograd.grad(out, (q, k, v), grad)
+
+
 def attention(q, k, v, dropout_p=0.0):
     """softmax(q k^T / sqrt(d)) v for q, k, v of shape (B, heads, T, d)."""
     if not _under_forward_ad(q):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-    # Forward-AD path: the same maths from differentiable primitives (the JVP passes run with dropout
-    # already decided by the caller's RNG; attention-probability dropout is not used by any preset).
+    if dropout_p == 0 and not torch.is_grad_enabled():
+        return _AttentionJVP.apply(q, k, v)                   # the JVPs of the losses (common.jvp)
+    # Forward AD with a gradient recorded (or attention dropout): the same maths from differentiable
+    # primitives, which PyTorch can differentiate to any order. No preset uses attention dropout.
     a = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)     # (B, h, T, T)
     a = a.softmax(dim=-1)
     if dropout_p > 0:
         a = F.dropout(a, dropout_p)
     return a @ v                                              # (B, h, T, d)
 
+
+class _LinearJVP(torch.autograd.Function):
+    """F.linear(x, weight, bias) with the weights held as constants, for forward-mode AD in x only.
+
+    Inside torch.func.jvp, PyTorch's rule for a linear layer (and a custom Function that takes the weights
+    as inputs) also gets zero tangents for the weights and multiplies by them: twice the matmuls of the
+    JVP. The JVPs of our losses never differentiate with respect to the weights, so `Linear` uses this
+    rule there: one matmul for the tangent, F.linear(x_t, weight). The weights are passed inside a tuple,
+    which autograd does not track; `Linear` takes this path only when no gradient can flow to them."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, params):
+        weight, bias = params
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.weight = inputs[1][0]
+
+    @staticmethod
+    def jvp(ctx, x_t, _):
+        return F.linear(x_t, ctx.weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad @ ctx.weight, None
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state-dict keys) that takes the lean rule `_LinearJVP` when x carries
+    a forward-mode tangent, the weights do not, and no gradient is being recorded for the weights."""
+
+    def forward(self, x):
+        if (_under_forward_ad(x) and not _under_forward_ad(self.weight)
+                and not (torch.is_grad_enabled() and self.weight.requires_grad)):
+            return _LinearJVP.apply(x, (self.weight, self.bias))
+        return F.linear(x, self.weight, self.bias)
 
 def pixel_norm(x, eps=1e-8):
     """Karras et al. 2017 pixel norm over the channel (last) dimension: x / rms(x)."""
@@ -79,7 +156,7 @@ class ScalarEmbedder(nn.Module):
     def __init__(self, hidden_size, scale=1000.0, freq_dim=256, zero_init=False):
         super().__init__()
         self.scale, self.freq_dim = scale, freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.mlp = nn.Sequential(Linear(freq_dim, hidden_size), nn.SiLU(), Linear(hidden_size, hidden_size))
         nn.init.normal_(self.mlp[0].weight, std=0.02)
         nn.init.normal_(self.mlp[2].weight, std=0.02)
         if zero_init:
@@ -141,7 +218,7 @@ class Modulation(nn.Module):
         if kind not in ("zero", "double"):
             raise ValueError(f"adanorm must be 'zero' or 'double', got {kind!r}")
         self.kind, self.n_chunks = kind, n_chunks
-        self.linear = nn.Linear(hidden_size, n_chunks * hidden_size)
+        self.linear = Linear(hidden_size, n_chunks * hidden_size)
         if kind == "zero":
             nn.init.zeros_(self.linear.weight)
         else:
@@ -184,8 +261,8 @@ class Attention(nn.Module):
     def __init__(self, dim, num_heads, dropout=0.0):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim)
+        self.proj = Linear(dim, dim)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x):
@@ -203,8 +280,8 @@ class DiTBlock(nn.Module):
         self.attn = Attention(dim, num_heads, dropout)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Dropout(dropout),
-                                 nn.Linear(hidden, dim), nn.Dropout(dropout))
+        self.mlp = nn.Sequential(Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Dropout(dropout),
+                                 Linear(hidden, dim), nn.Dropout(dropout))
         self.ada = Modulation(dim, 6, adanorm)
 
     def forward(self, x, c):
@@ -219,7 +296,7 @@ class FinalLayer(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.ada = Modulation(dim, 2, adanorm)
-        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self.linear = Linear(dim, patch_size * patch_size * out_channels)
         nn.init.zeros_(self.linear.weight)                       # adaLN-Zero: the network outputs 0 at init
         nn.init.zeros_(self.linear.bias)
 
@@ -292,14 +369,14 @@ class MLP(nn.Module):
                  extra_cond=False, time_scale=1000.0, dropout=0.0, **_unused):
         super().__init__()
         self.num_classes = num_classes
-        self.inp = nn.Linear(dim, hidden_size)
+        self.inp = Linear(dim, hidden_size)
         self.cond = Conditioner(hidden_size, num_classes, class_dropout, two_times, extra_cond, time_scale)
         self.blocks = nn.ModuleList(
-            nn.ModuleDict(dict(norm=nn.LayerNorm(hidden_size), fc1=nn.Linear(hidden_size, hidden_size),
-                               cproj=nn.Linear(hidden_size, hidden_size), fc2=nn.Linear(hidden_size, hidden_size)))
+            nn.ModuleDict(dict(norm=nn.LayerNorm(hidden_size), fc1=Linear(hidden_size, hidden_size),
+                               cproj=Linear(hidden_size, hidden_size), fc2=Linear(hidden_size, hidden_size)))
             for _ in range(depth))
         self.drop = nn.Dropout(dropout)
-        self.out = nn.Linear(hidden_size, dim)
+        self.out = Linear(hidden_size, dim)
         nn.init.zeros_(self.out.weight)                            # start at F = 0, like the DiT
         nn.init.zeros_(self.out.bias)
 

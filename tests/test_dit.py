@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 
 import common
 import dit
@@ -119,6 +120,69 @@ def test_attention_forward_ad_path_matches_fused():
     fd = (dit.attention(q + h * dq, k + h * dk, v + h * dv) - dit.attention(q - h * dq, k - h * dk, v - h * dv)) / (2 * h)
     assert torch.allclose(tangent, fd, atol=1e-7)
 
+
+
+def _explicit_attention(q, k, v):
+    return ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(-1) @ v
+
+
+def test_lean_attention_jvp_matches_pytorch_rules():
+    """Under no_grad (how common.jvp runs) attention takes _AttentionJVP: its tangent equals PyTorch's own
+    forward-mode rules on the explicit maths, through torch.func.jvp and through forward_ad duals with a
+    tangent on q only (the other tangents absent)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v, dq, dk, dv = (torch.randn(2, 3, 10, 8, dtype=torch.float64, generator=g) for _ in range(6))
+    ref_out, ref_tan = torch.func.jvp(_explicit_attention, (q, k, v), (dq, dk, dv))
+    with torch.no_grad():
+        out, tan = torch.func.jvp(dit.attention, (q, k, v), (dq, dk, dv))
+        _, q_only_ref = torch.func.jvp(lambda a: _explicit_attention(a, k, v), (q,), (dq,))
+        with fwAD.dual_level():
+            q_only = fwAD.unpack_dual(dit.attention(fwAD.make_dual(q, dq), k, v)).tangent
+    assert torch.allclose(out, ref_out, atol=1e-12) and torch.allclose(tan, ref_tan, atol=1e-12)
+    assert torch.allclose(q_only, q_only_ref, atol=1e-12)
+    assert tan.abs().mean() > 0.1
+
+
+def test_lean_rules_are_taken_only_without_weight_gradients(monkeypatch):
+    """Linear takes the lean rule (weights as constants) under no_grad, and PyTorch's rule when a gradient
+    to the weights is being recorded; both give the same tangent."""
+    calls = []
+    rule = dit._LinearJVP.jvp
+    monkeypatch.setattr(dit._LinearJVP, "jvp", staticmethod(lambda ctx, *t: calls.append(1) or rule(ctx, *t)))
+    lin = dit.Linear(5, 4).double()
+    x, dx = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    with torch.no_grad():
+        lean = torch.func.jvp(lin, (x,), (dx,))
+    assert len(calls) == 1
+    with torch.enable_grad():
+        full = torch.func.jvp(lin, (x,), (dx,))
+    assert len(calls) == 1
+    assert torch.allclose(lean[0], full[0]) and torch.allclose(lean[1], full[1])
+    assert torch.allclose(lean[1], dx @ lin.weight.T)
+
+
+def test_lean_rules_backward_is_exact():
+    """The lean Functions also differentiate backwards correctly (gradcheck in float64)."""
+    x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    w, b = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda a: dit._LinearJVP.apply(a, (w, b)), (x,))
+    qkv = [torch.randn(1, 2, 4, 3, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    assert torch.autograd.gradcheck(dit._AttentionJVP.apply, qkv)
+
+
+def test_dit_jvp_with_lean_rules_equals_pytorch_rules():
+    """The whole DiT (float64): common.jvp (lean rules, no_grad) against torch.func.jvp with gradients on,
+    where every layer uses PyTorch's own forward-mode rules."""
+    model, x, t, s, y, tangents = _dit_and_inputs()
+    model = model.double()
+    primals, tangents = (x.double(), t.double(), s.double()), tuple(v.double() for v in tangents)
+    fn = lambda a, b, c: model(a, b, c, y)
+    out, tan = common.jvp(fn, primals, tangents)
+    ref_out, ref_tan = torch.func.jvp(fn, primals, tangents)
+    assert ref_tan.requires_grad                                   # PyTorch's rules were the ones run
+    assert torch.allclose(out, ref_out.detach(), atol=1e-12)
+    assert torch.allclose(tan, ref_tan.detach(), atol=1e-10)
+    assert tan.abs().mean() > 1e-2
 
 def _dit_and_inputs(dropout=0.0):
     model = randomise(dit.build_model("DiT-T/2", (3, 8, 8), num_classes=5, two_times=True, dropout=dropout,
