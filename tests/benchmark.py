@@ -6,10 +6,13 @@
 Table a, training-step cost: one full update of each method (and its variants) against a plain
 flow-matching update of the same backbone, batch and device. Steps are interleaved round-robin so
 that machine drift hits every variant alike; the table gives the median seconds per step and the
-ratio of medians to flow matching (and the peak-memory ratio on CUDA).
+median over rounds of the per-round ratio to flow matching (and the peak-memory ratio on CUDA). An
+entry whose issue sets its goal against another step (sCM: its own diffusion step) also gets the ratio
+to that reference, and every goal is printed as met or not met.
 
 Every entry of STEPS builds its update from the method file's own loss functions:
-    STEPS["<method>/<variant>"] = builder(model_name, batch, size, run) -> step()   (one update)
+    @step_cost("<method>/<variant>", reference="fm/plain", goal=None)
+    def builder(model_name, batch, size, run) -> step()                                (one update)
 
 Table b, sample quality on a 2D toy set: every entry of TOYS trains its method with the method's
 own toy preset through the script's `main` (in this process) and returns the sliced Wasserstein
@@ -33,13 +36,15 @@ import torch  # noqa: E402
 import common  # noqa: E402
 
 STEPS = {}
+REFERENCE = {}          # the step each entry's goal is measured against (fm/plain unless said otherwise)
+GOAL = {}               # the step-cost goal from the method's issue, as a ratio to its reference
 TOYS = {}
 TOY_NFES = (1, 2, 4, 100)
 
 
-def step_cost(name):
+def step_cost(name, reference="fm/plain", goal=None):
     def register(fn):
-        STEPS[name] = fn
+        STEPS[name], REFERENCE[name], GOAL[name] = fn, reference, goal
         return fn
     return register
 
@@ -95,7 +100,7 @@ def fm_step(model_name, batch, size, run):
     return step
 
 
-@step_cost("direct/default")
+@step_cost("direct/default", goal=2.8)
 def direct_step(model_name, batch, size, run):
     """Direct Models, Alg. 1: CFM forward-backward, two forwards without gradient, w forward-backward."""
     import direct
@@ -125,7 +130,7 @@ def decm_setup(model_name, batch, size, run, losses):
     return decm, cfg, student, opt, velocity, batch_of(batch, size, run.device)
 
 
-@step_cost("decm/cd+fm")
+@step_cost("decm/cd+fm", goal=3.6)
 def decm_cd_fm_step(model_name, batch, size, run):
     """DE-CM Alg. 1 l.2-15: one teacher forward without gradient, one JVP (no graph), one forward-backward
     over F(z_t, t, 1) and F(z_t, t, t) batched."""
@@ -215,9 +220,9 @@ def scm_step(mode, **flags):
 
 # Eq. (39): one forward-backward + one forward without gradient; the MMD (Eq. 46) adds only the
 # pairwise distances; Eq. (6): a forward-mode JVP instead of the second forward.
-step_cost("gcm/cu-fd-l2")(gcm_step(["--mmd-group", "1"]))
-step_cost("gcm/cu-fd-mmd")(gcm_step([]))
-step_cost("gcm/vu-fd-mmd")(gcm_step(["--variant", "vu"]))
+step_cost("gcm/cu-fd-l2", goal=1.5)(gcm_step(["--mmd-group", "1"]))
+step_cost("gcm/cu-fd-mmd", goal=1.5)(gcm_step([]))
+step_cost("gcm/vu-fd-mmd", goal=1.5)(gcm_step(["--variant", "vu"]))
 step_cost("gcm/cu-analytic")(gcm_step(["--mmd-group", "1", "--jvp", "analytic"]))
 
 
@@ -235,11 +240,13 @@ toy_quality("gcm-cu")(gcm_toy("cu", "restart"))
 toy_quality("gcm-vu")(gcm_toy("vu", "pushforward"))
 
 
+# Issue 3's goal is against a plain diffusion step of the same backbone (scm/diffusion, Eq. 4). With CFG
+# the teacher runs two branches, one forward more than unguided sCD; the goal names sCT and sCD.
 step_cost("scm/diffusion")(scm_step("diffusion"))
-step_cost("scm/sct")(scm_step("sct"))
-step_cost("scm/scd")(scm_step("scd"))
-step_cost("scm/scd-cfg")(scm_step("scd", cfg_max=2.0))
-step_cost("scm/sct-discrete")(scm_step("sct", discrete_steps=18))
+step_cost("scm/sct", reference="scm/diffusion", goal=2.2)(scm_step("sct"))
+step_cost("scm/scd", reference="scm/diffusion", goal=2.2)(scm_step("scd"))
+step_cost("scm/scd-cfg", reference="scm/diffusion")(scm_step("scd", cfg_max=2.0))
+step_cost("scm/sct-discrete", reference="scm/diffusion")(scm_step("sct", discrete_steps=18))
 
 
 @toy_quality("scm")
@@ -298,21 +305,33 @@ def measure(names, model_name, batch, size, repeats, warmup, run):
             if cuda:
                 torch.cuda.synchronize()
             times[n].append(time.perf_counter() - t0)
-    base = statistics.median(times["fm/plain"])
     out = {}
     for n in names:
-        sec = statistics.median(times[n])
-        out[n] = {"sec": sec, "ratio": sec / base}
+        # The ratio is the median over rounds of this round's time over the reference's time in the same
+        # round: the two ran seconds apart, so drift (and a noisy neighbour) cancels round by round.
+        ref = REFERENCE[n]
+        out[n] = {"sec": statistics.median(times[n]),
+                  "ratio": statistics.median(a / b for a, b in zip(times[n], times["fm/plain"]))}
+        if ref != "fm/plain":
+            out[n].update(reference=ref, ref_ratio=statistics.median(a / b for a, b in zip(times[n], times[ref])))
+        if GOAL[n] is not None:
+            out[n]["goal"] = GOAL[n]
         if cuda:
             out[n]["mem_ratio"] = peaks[n] / peaks["fm/plain"]
     return out
 
 
 def step_table(res, cuda):
-    head = "| method / variant | sec / step | x flow matching |" + (" peak memory x FM |" if cuda else "")
-    rows = [head, "|---|---|---|" + ("---|" if cuda else "")]
+    head = "| method / variant | sec / step | x flow matching | x reference | goal |" + (" peak memory x FM |" if cuda else "")
+    rows = [head, "|---|---|---|---|---|" + ("---|" if cuda else "")]
     for n, r in res.items():
-        rows.append(f"| {n} | {r['sec']:.4f} | {r['ratio']:.2f} |" + (f" {r['mem_ratio']:.2f} |" if cuda else ""))
+        ref = f"{r['ref_ratio']:.2f} ({r['reference']})" if "reference" in r else ""
+        goal = ""
+        if "goal" in r:
+            got = r.get("ref_ratio", r["ratio"])
+            goal = f"<= {r['goal']} {'met' if got <= r['goal'] else 'NOT met'}"
+        rows.append(f"| {n} | {r['sec']:.4f} | {r['ratio']:.2f} | {ref} | {goal} |"
+                    + (f" {r['mem_ratio']:.2f} |" if cuda else ""))
     return "\n".join(rows)
 
 
@@ -358,13 +377,15 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default=None, choices=["cpu", "cuda"])
     p.add_argument("--bf16", action="store_true", help="bf16 autocast where the method allows (CUDA)")
-    p.add_argument("--only", nargs="*", help="substrings of the step names to run (fm/plain always runs)")
+    p.add_argument("--only", nargs="*", help="substrings of the step names to run (fm/plain and the entries' "
+                   "references always run)")
     p.add_argument("--json", help="also write the figures as JSON")
     p.add_argument("--toy-dataset", default="checkerboard", choices=common.TOY_SETS)
     p.add_argument("--toy-steps", type=int, help="shorten every toy run to this many steps (smoke test)")
     p.add_argument("--skip", nargs="*", default=[], choices=["step-cost", "toy"], help="leave a table out")
     args = p.parse_args(argv)
-    names = [n for n in STEPS if n == "fm/plain" or not args.only or any(s in n for s in args.only)]
+    chosen = [n for n in STEPS if not args.only or any(s in n for s in args.only)]
+    names = [n for n in STEPS if n == "fm/plain" or n in chosen or any(REFERENCE[c] == n for c in chosen)]
     figures = {"setting": vars(args)}
     with tempfile.TemporaryDirectory() as tmp:
         if "step-cost" not in args.skip:
@@ -377,7 +398,8 @@ def main(argv=None):
             device = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
             figures["step_cost"], figures["setting"]["device_name"] = res, device
             print(f"\nTraining-step cost: {args.model} at {args.size}x{args.size}, batch {args.batch}, {device}"
-                  f"{', bf16 autocast' if args.bf16 else ''}; median of {args.repeats} interleaved steps\n")
+                  f"{', bf16 autocast' if args.bf16 else ''}; {args.repeats} interleaved rounds: median seconds, "
+                  f"median per-round ratio\n")
             print(step_table(res, cuda))
         if "toy" not in args.skip:
             torch.manual_seed(0)

@@ -18,6 +18,9 @@ def test_benchmark_step_cost_and_toy_table_smoke(tmp_path, capsys):
     assert set(figures["step_cost"]) == set(benchmark.STEPS)
     assert all(r["sec"] > 0 and r["ratio"] > 0 for r in figures["step_cost"].values())
     assert figures["step_cost"]["fm/plain"]["ratio"] == 1.0
+    sct = figures["step_cost"]["scm/sct"]            # sCM's goal is against its own diffusion step
+    assert sct["reference"] == "scm/diffusion" and sct["ref_ratio"] > 0 and sct["goal"] == 2.2
+    assert {n for n, r in figures["step_cost"].items() if "goal" in r} == {n for n, g in benchmark.GOAL.items() if g}
     toy = figures["toy"]
     for method in ("scm", "gcm", "decm", "direct"):    # each method reports its own samplers at 1 NFE at least
         assert any(k.startswith(method + "/") and k.endswith("/nfe1") for k in toy), method
@@ -25,4 +28,4 @@ def test_benchmark_step_cost_and_toy_table_smoke(tmp_path, capsys):
     assert 0.25 < toy["prior"] < 0.5 and toy["floor"] < 0.1
     assert all(v == v and v > 0 for v in toy.values())  # no NaN
     text = capsys.readouterr().out
-    assert "| fm/plain |" in text and "| direct/one-step |" in text
+    assert "| fm/plain |" in text and "| direct/one-step |" in text and "| <= 2.2 " in text
