@@ -1314,6 +1314,22 @@ class Run:
             return None
         return torch.randint(0, data.num_classes, (n,), generator=generator).to(self.device)
 
+    def after_step(self, step, state, sample, data):
+        """The loop's bookkeeping after update `step` (0-based): grids every sample_every updates, and a
+        checkpoint of `state` every ckpt_every updates and after the last one."""
+        done = step + 1
+        if self.cfg["sample_every"] and done % self.cfg["sample_every"] == 0:
+            self.save_samples(f"step{done}", sample, data)
+        if done % self.cfg["ckpt_every"] == 0 or done == self.cfg["steps"]:
+            self.checkpoint(done, state)
+
+    def finish(self, tag, sample, data, close=True):
+        """End of a run (or of --sample-only): grids tagged `tag`, eval.json, then the process group closes."""
+        self.save_samples(tag, sample, data)
+        self.evaluate(sample, data)
+        if close:
+            self.close()
+
     def save_samples(self, tag, samplers, data):
         """Grids (scatter plots for toy data) per sampler and NFE: samples/{tag}[_{name}]_nfe{k}.png.
 

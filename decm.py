@@ -402,15 +402,8 @@ def train(cfg, close=True):
             ema.update(net, cfg["batch_size"])
             held = n2n
         run.log(step, {**losses, **held})
-        done = step + 1
-        if cfg["sample_every"] and done % cfg["sample_every"] == 0:
-            run.save_samples(f"step{done}", sample, data)
-        if done % cfg["ckpt_every"] == 0 or done == cfg["steps"]:
-            run.checkpoint(done, state)
-    run.save_samples(f"step{cfg['steps']}", sample, data)
-    run.evaluate(sample, data)
-    if close:
-        run.close()
+        run.after_step(step, state, sample, data)
+    run.finish(f"step{cfg['steps']}", sample, data, close)
 
 
 def train_teacher_first(cfg, argv):
@@ -434,9 +427,7 @@ def sample_only(cfg):
     net = build_net(cfg, data, cfg["role"])
     net.load_state_dict(ckpt["ema"])
     sample = samplers(net.to(run.device).eval(), cfg, data, run.device)
-    run.save_samples("sample", sample, data)
-    run.evaluate(sample, data)
-    run.close()
+    run.finish("sample", sample, data)
 
 
 # ==============================================================================================

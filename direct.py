@@ -184,14 +184,8 @@ def train(cfg):
         ema_v.update(v_net, cfg["batch_size"])
         ema_w.update(w_net, cfg["batch_size"])
         run.log(step, losses)
-        done = step + 1
-        if cfg["sample_every"] and done % cfg["sample_every"] == 0:
-            run.save_samples(f"step{done}", sample, data)
-        if done % cfg["ckpt_every"] == 0 or done == cfg["steps"]:
-            run.checkpoint(done, state)
-    run.save_samples(f"step{cfg['steps']}", sample, data)
-    run.evaluate(sample, data)
-    run.close()
+        run.after_step(step, state, sample, data)
+    run.finish(f"step{cfg['steps']}", sample, data)
 
 
 def sample_only(cfg):
@@ -204,9 +198,7 @@ def sample_only(cfg):
     w_net.load_state_dict(ckpt["ema_w"])
     v_net, w_net = v_net.to(run.device).eval(), w_net.to(run.device).eval()
     sample = samplers(v_net, w_net, cfg, data, run.device)
-    run.save_samples("sample", sample, data)
-    run.evaluate(sample, data)
-    run.close()
+    run.finish("sample", sample, data)
 
 
 # ==============================================================================================

@@ -371,14 +371,8 @@ def train(cfg):
             losses["eps"] = eps
         ema.update(net, cfg["batch_size"])
         run.log(step, losses)
-        done = step + 1
-        if cfg["sample_every"] and done % cfg["sample_every"] == 0:
-            run.save_samples(f"step{done}", sample, data)
-        if done % cfg["ckpt_every"] == 0 or done == cfg["steps"]:
-            run.checkpoint(done, state)
-    run.save_samples(f"step{cfg['steps']}", sample, data)
-    run.evaluate(sample, data)
-    run.close()
+        run.after_step(step, state, sample, data)
+    run.finish(f"step{cfg['steps']}", sample, data)
 
 
 def sample_only(cfg):
@@ -388,9 +382,7 @@ def sample_only(cfg):
     net = build_model(cfg, data)
     net.load_state_dict(common.load_checkpoint(cfg["ckpt"], "gcm")["ema"])
     sample = samplers(net.to(run.device).eval(), cfg, data, run.device)
-    run.save_samples("sample", sample, data)
-    run.evaluate(sample, data)
-    run.close()
+    run.finish("sample", sample, data)
 
 
 # ==============================================================================================
