@@ -18,8 +18,11 @@ block is the identity at initialisation. `adanorm="double"` swaps in sCM's adapt
 normalisation (sCM Section 4.1): y = norm(x) * pnorm(scale) + pnorm(shift), pnorm = pixel norm.
 
 Attention uses PyTorch's fused kernel for the ordinary forward pass. That kernel has no forward-mode
-AD rule (torch.func.jvp raises NotImplementedError on CPU and CUDA), so when a forward-mode tangent
-is present the same attention is computed with explicit matmul + softmax, which has one.
+AD rule (torch.func.jvp raises NotImplementedError on CPU and CUDA). Inside the losses' JVPs (no_grad,
+common.jvp) attention and the linear layers take forward-mode rules of their own (`_AttentionJVP`,
+`_LinearJVP`): the fused kernel for the primal, and one matmul per tangent in the linear layers where
+PyTorch's rule also multiplies by the weights' zero tangents. Under forward AD with a gradient being
+recorded, attention falls back to explicit matmul + softmax and the layers to PyTorch's own rules.
 """
 import math
 
