@@ -136,6 +136,7 @@ class Linear(nn.Linear):
             return _LinearJVP.apply(x, (self.weight, self.bias))
         return F.linear(x, self.weight, self.bias)
 
+
 def pixel_norm(x, eps=1e-8):
     """Karras et al. 2017 pixel norm over the channel (last) dimension: x / rms(x)."""
     return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
