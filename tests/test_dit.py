@@ -185,6 +185,7 @@ def test_dit_jvp_with_lean_rules_equals_pytorch_rules():
     assert tan.abs().mean() > 1e-2
 
 def _dit_and_inputs(dropout=0.0):
+    torch.manual_seed(0)                                        # the same network whatever ran before
     model = randomise(dit.build_model("DiT-T/2", (3, 8, 8), num_classes=5, two_times=True, dropout=dropout,
                                       hidden_size=32, depth=2), std=0.1).eval()
     g = torch.Generator().manual_seed(3)
@@ -204,7 +205,11 @@ def test_jvp_through_dit_matches_finite_differences():
                                              tuple(v.double() for v in tangents), eps=1e-6)
     assert not out.requires_grad and not tangent.requires_grad
     assert tangent.abs().mean() > 1e-2                          # a non-trivial tangent
-    assert torch.allclose(out.double(), out64, atol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(out, model(x, t, s, y))              # the JVP's primal is the plain forward, bit for bit
+    # fp32 against fp64: rounding only (measured 3e-6 to 7e-6 of the largest output over six networks; the
+    # former per-element check at an absolute 1e-5 failed once in about twenty identical runs)
+    assert (out.double() - out64).abs().max() / out64.abs().max() < 1e-4
     assert (tangent.double() - fd).abs().max() / fd.abs().max() < 1e-4
 
 
