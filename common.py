@@ -9,6 +9,7 @@ Command line (besides being imported by the method scripts):
     python common.py encode-latents --images DIR --out DIR [--vae NAME]  # ImageFolder -> latent shards
 """
 import argparse
+import contextlib
 import copy
 import functools
 import json
@@ -127,6 +128,23 @@ def all_reduce_mean(x):
         tdist.all_reduce(x)
         x /= tdist.get_world_size()
     return x
+
+
+@contextlib.contextmanager
+def eval_mode(*modules):
+    """Inside the block the modules run in eval mode (no dropout, no label dropout); their modes are restored
+    after. For passes that build a target or a sample and share no random draws with a gradient pass: they
+    must not see a dropout of their own (SPEC section 9). Plain functions (the tests' exact solutions) pass
+    through untouched."""
+    modules = [m for m in modules if isinstance(m, nn.Module)]
+    modes = [m.training for m in modules]
+    try:
+        for m in modules:
+            m.train(False)
+        yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
 
 
 def unwrap(model):
@@ -394,6 +412,31 @@ class UniformPower:
 
 
 # ==============================================================================================
+# Precision (SPEC section 9): which passes may run in bf16.
+#
+# --bf16 wraps each method's loss in bf16 autocast (`Run.autocast`; CUDA, and the CPU, where the tests run
+# it). Inside it, the passes that produce parameter gradients run in bf16: a rounding error of about 4e-3
+# there is noise on one gradient, as in any mixed-precision training. Every pass whose output enters a
+# target without a gradient runs in fp32 (`full_precision`), and so do the JVPs (`jvp`): targets subtract
+# near-equal numbers (F_theta - F_minus, f(x_t) - f(x_r)), divide by small steps (GCM's (s - r)/(t - r) up
+# to 1000, sCM's discrete 1/sin(t - t')) or add a small increment to a large value (Direct's dt/t (v - w)),
+# so a bf16 error there is amplified into the target itself. The method files state which of their
+# passes are which; tests/test_precision.py checks, for every method, that at the closed-form Gaussian
+# solution the target computed under --bf16 vanishes to fp32 accuracy.
+
+def full_precision(like):
+    """Context: the enclosed passes run in fp32 (or fp64) even inside --bf16 autocast. `like` is a tensor on
+    the device in question; the inputs of those passes must not be bf16 themselves."""
+    return torch.autocast(like.device.type, enabled=False)
+
+
+def autocast_active(like):
+    """True inside bf16 autocast on like's device: a pass whose output a target needs in fp32 was then
+    not computed in fp32 and must be recomputed under full_precision."""
+    return torch.is_autocast_enabled(like.device.type)
+
+
+# ==============================================================================================
 # JVP helpers. Both return (f(primals), J_f(primals) . tangents) with the same call shape, carry no
 # autograd graph (the weights are stop-gradient in every JVP the methods take) and run in fp32.
 
@@ -461,7 +504,7 @@ class SameRandomness:
 # Data. Every dataset exposes `shape` (per-sample), `num_classes`, `kind` ("toy" | "image" | "latent")
 # and either `sample(n)` (toy, infinite) or `len` + `get(indices)` (finite, returns float x, int64 y).
 
-DATASETS = ("cifar10", "imagenet-latents", "checkerboard", "moons", "8gaussians")
+DATASETS = ("cifar10", "imagenet-latents", "digits", "checkerboard", "moons", "8gaussians")
 TOY_SETS = ("checkerboard", "moons", "8gaussians")
 
 
@@ -533,6 +576,44 @@ class CIFAR10:
         return self.images[idx].float() / 127.5 - 1, self.labels[idx]
 
 
+class Digits:
+    """scikit-learn's handwritten digits (`sklearn.datasets.load_digits`: 1797 images of 8x8 pixels with 17
+    grey levels 0..16, 10 classes), shipped inside the package: real images that need no download.
+    Pixels are scaled to [-1, 1] (level / 8 - 1), one channel. A fixed, class-stratified held-out split
+    (HELD_OUT_PER_CLASS images of every digit, drawn once with numpy's seeded PCG64) is never trained on:
+    split="train" (1437 images) feeds the training loop and the quality classifier, split="held-out" (360)
+    is what generated digits are compared with."""
+    kind = "image"
+    shape, num_classes = (1, 8, 8), 10
+    HELD_OUT_PER_CLASS = 36
+
+    def __init__(self, split="train"):
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError:
+            raise UserError("--dataset digits needs scikit-learn: pip install scikit-learn") from None
+        bunch = load_digits()
+        labels = np.asarray(bunch.target, dtype=np.int64)
+        rng = np.random.default_rng(0)
+        held = np.concatenate([rng.permutation(np.flatnonzero(labels == k))[: self.HELD_OUT_PER_CLASS]
+                               for k in range(self.num_classes)])
+        keep = np.zeros(len(labels), dtype=bool)
+        keep[held] = True
+        if split == "train":
+            keep = ~keep
+        elif split != "held-out":
+            raise ValueError(f"split must be 'train' or 'held-out', got {split!r}")
+        levels = torch.from_numpy(np.asarray(bunch.images, dtype=np.float32)[keep])         # (N, 8, 8) in 0..16
+        self.images = (levels / 8 - 1)[:, None]                                             # (N, 1, 8, 8)
+        self.labels = torch.from_numpy(labels[keep])
+
+    def __len__(self):
+        return len(self.labels)
+
+    def get(self, idx):
+        return self.images[idx], self.labels[idx]
+
+
 # ImageNet latents on disk (written by `python common.py encode-latents`):
 #   DIR/meta.json      {"format": "latents-v1", "shape": [C, H, W], "count": N, "num_classes": 1000,
 #                       "vae": "<diffusers name or path>", "scale_factor": 0.18215, "image_size": 256,
@@ -543,9 +624,11 @@ LATENT_FORMAT = "latents-v1"
 
 
 class ImageNetLatents:
+    """Latent shards (format above). `vae` replaces the autoencoder recorded in meta.json for decoding
+    (grids, FID); the shards were encoded with the recorded one, so only a compatible decoder makes sense."""
     kind = "latent"
 
-    def __init__(self, root):
+    def __init__(self, root, vae=None):
         meta_path = os.path.join(root, "meta.json")
         if not os.path.isfile(meta_path):
             raise UserError(f"no latent shards in {root} (meta.json missing); make them with "
@@ -554,6 +637,8 @@ class ImageNetLatents:
             self.meta = json.load(f)
         if self.meta.get("format") != LATENT_FORMAT:
             raise UserError(f"{meta_path} is not a {LATENT_FORMAT} latent index")
+        if vae:
+            self.meta["vae"] = vae
         self.shape, self.num_classes = tuple(self.meta["shape"]), int(self.meta["num_classes"])
         self.latents, self.labels = [], []
         for shard in self.meta["shards"]:
@@ -588,13 +673,16 @@ class ImageNetLatents:
         return vae_decode(z, self.meta)
 
 
-def load_dataset(name, data_path=None):
+def load_dataset(name, data_path=None, vae=None):
+    """The data set `name` (DATASETS); vae overrides the decoder recorded with latent shards."""
     if name in TOY_SETS:
         return ToyData(name)
     if name == "cifar10":
         return CIFAR10(data_path or "./data")
+    if name == "digits":
+        return Digits("train")
     if name == "imagenet-latents":
-        return ImageNetLatents(data_path or "./data/imagenet-latents")
+        return ImageNetLatents(data_path or "./data/imagenet-latents", vae)
     raise UserError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
 
 
@@ -706,7 +794,10 @@ def write_latent_shards(out, batches, shape, num_classes, vae, scale_factor, ima
     return count
 
 
-def encode_latents(images, out, vae_name="stabilityai/sd-vae-ft-ema", image_size=256, batch_size=64,
+DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"      # the Direct Models paper's (Table 5); DiT's sample.py offers it too
+
+
+def encode_latents(images, out, vae_name=DEFAULT_VAE, image_size=256, batch_size=64,
                    scale_factor=0.18215, shard_size=16384, mode="sample", device=None, encoder=None):
     """ImageFolder -> latent shards. Images are resized (shorter side) and centre-cropped to image_size.
     `encoder` (images in [-1, 1] -> latents, before scaling) replaces the VAE, for tests."""
@@ -862,6 +953,30 @@ def quantize_images(x):
     return u8 / 127.5 - 1
 
 
+def to_uint8(x):
+    """Images in [-1, 1], [N, C, H, W] -> uint8 [N, H, W, C] numpy, the levels quantize_images keeps."""
+    return ((x.detach().float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def from_uint8(arr):
+    """uint8 [N, H, W, C] -> float [N, C, H, W] in [-1, 1] (the inverse of to_uint8 on its levels)."""
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def save_npz(path, images, labels=None):
+    """Samples as the ADM evaluation suite and DiT's sample_ddp.py write them: uint8 NHWC under `arr_0`
+    (class labels, if any, under `labels`). Written to a temporary file, then renamed."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + f".tmp{os.getpid()}.npz"
+    arrays = {"arr_0": images} if labels is None else {"arr_0": images, "labels": labels}
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 class FeatureStats:
     """Running float64 sums of Inception features; `finish()` all-reduces and returns (mu, sigma)."""
 
@@ -938,6 +1053,142 @@ def fid_reference(dataset, data_path=None, ref=None, weights=None, batch_size=25
         np.savez(tmp, mu=mu, sigma=sigma)
         os.replace(tmp, path)
     return mu, sigma
+
+
+# ==============================================================================================
+# The digits figure (SPEC section 8): FID's recipe with a small classifier of 8x8 digits as the feature
+# network. The Frechet distance between generated and held-out digits in its penultimate features (the
+# same `frechet_distance` as FID), and the share of samples per predicted class (mode coverage).
+
+DIGITS_CLASSIFIER_VERSION = 1
+
+
+class DigitsClassifier(nn.Module):
+    """A small CNN for 8x8 digits: `features` are the 64-d penultimate activations (the counterpart of
+    Inception's 2048-d pool features), `forward` gives the 10 class logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),                     # (N, 32, 8, 8)
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),   # (N, 64, 4, 4)
+            nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (N, 128, 2, 2)
+            nn.Flatten(), nn.Linear(512, 64), nn.ReLU())                   # (N, 64)
+        self.head = nn.Linear(64, 10)
+
+    def features(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def _train_digits_classifier(epochs=60, batch=64, lr=2e-3):
+    """Deterministic: a fixed seed, a fixed order of batches and one thread (so that the float sums do not
+    depend on the machine's thread count). Adam with a cosine learning-rate decay; every image is shifted
+    by up to one pixel at random, which makes the features robust to digits a pixel off centre. About
+    fifteen seconds on one CPU core."""
+    train, held = Digits("train"), Digits("held-out")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        g = torch.Generator().manual_seed(0)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            net = DigitsClassifier()
+        opt = torch.optim.Adam(net.parameters(), lr=lr)
+        total, done = epochs * math.ceil(len(train) / batch), 0
+        for _ in range(epochs):
+            order = torch.randperm(len(train), generator=g)
+            for i in range(0, len(order), batch):
+                x, y = train.get(order[i:i + batch])
+                padded = F.pad(x, (1, 1, 1, 1), value=-1.0)                 # (B, 1, 10, 10), background -1
+                crops = torch.stack([padded[:, :, dy:dy + 8, dx:dx + 8] for dy in range(3) for dx in range(3)])
+                x = crops[torch.randint(0, 9, (len(x),), generator=g), torch.arange(len(x))]   # (B, 1, 8, 8)
+                for group in opt.param_groups:
+                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * done / total))
+                loss = F.cross_entropy(net(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                done += 1
+        net.eval()
+        with torch.no_grad():
+            accuracy = float((net(held.images).argmax(1) == held.labels).float().mean())
+    finally:
+        torch.set_num_threads(threads)
+    return net, accuracy
+
+
+def digits_classifier(data_path=None, device="cpu", verbose=True):
+    """The classifier behind the digits figure: read from DATA/digits_classifier.pt, or trained once on the
+    training split and cached there (a plain state dict, read with weights_only=True). Its held-out
+    accuracy is printed."""
+    path = os.path.join(data_path or "./data", "digits_classifier.pt")
+    net, accuracy = DigitsClassifier(), None
+    if os.path.isfile(path):
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            if blob.get("version") == DIGITS_CLASSIFIER_VERSION:
+                net.load_state_dict(blob["state"])
+                accuracy = float(blob["accuracy"])
+        except Exception:                                  # unreadable or foreign: train a new one over it
+            accuracy = None
+    if accuracy is None:
+        net, accuracy = _train_digits_classifier()
+        if int(os.environ.get("RANK", 0)) == 0:
+            try:
+                save_checkpoint(path, {"version": DIGITS_CLASSIFIER_VERSION, "state": net.state_dict(),
+                                       "accuracy": accuracy})
+            except OSError as e:
+                print0(f"warning: could not cache the digits classifier in {path} ({e.strerror})")
+    if verbose:
+        print0(f"digits classifier: {100 * accuracy:.1f}% held-out accuracy ({path})")
+    return net.eval().requires_grad_(False).to(device), accuracy
+
+
+class DigitsQuality:
+    """score(images) -> {"fd": Frechet distance to the held-out digits, "class_share": [share of samples
+    per predicted class], "modes": exp(entropy of those shares), 10 when every digit is equally common}.
+    Images in [-1, 1] are quantised as a saved PNG would hold them (like FID's input) before the classifier
+    sees them. floor(): held-out against the training digits; ceiling(n): Gaussian noise images."""
+
+    def __init__(self, data_path=None, device="cpu", verbose=True):
+        self.device = torch.device(device)
+        self.net, self.accuracy = digits_classifier(data_path, self.device, verbose)
+        self.ref = self.stats(Digits("held-out").images)
+
+    @torch.no_grad()
+    def _run(self, images, batch=1000):
+        x = quantize_images(torch.as_tensor(images).float())
+        feats, preds = [], []
+        for chunk in x.split(batch):
+            f = self.net.features(chunk.to(self.device))
+            feats.append(f.double().cpu())
+            preds.append(self.net.head(f).argmax(1).cpu())
+        return torch.cat(feats), torch.cat(preds)
+
+    def stats(self, images):
+        feats = self._run(images)[0]
+        mu = feats.mean(0)
+        centred = feats - mu
+        return mu.numpy(), (centred.T @ centred / (len(feats) - 1)).numpy()
+
+    def score(self, images):
+        feats, preds = self._run(images)
+        mu = feats.mean(0)
+        centred = feats - mu
+        sigma = centred.T @ centred / (len(feats) - 1)
+        share = torch.bincount(preds, minlength=10).double() / len(preds)
+        entropy = -(share * share.clamp_min(1e-300).log()).sum()
+        return {"fd": frechet_distance(mu.numpy(), sigma.numpy(), *self.ref),
+                "class_share": [round(float(s), 4) for s in share], "modes": float(entropy.exp())}
+
+    def floor(self):
+        return self.score(Digits("train").images)
+
+    def ceiling(self, n=1000, seed=0):
+        return self.score(torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed)).clamp(-1, 1))
 
 
 # ==============================================================================================
@@ -1071,7 +1322,7 @@ COMMON_DEFAULTS = dict(
     resume=False, log_every=100, sample_every=0, ckpt_every=1000, nfe=[1, 2, 4], sample_only=False, ckpt=None,
     n=64, fid=0, fid_weights=None, fid_ref=None, fid_batch=250, class_cond=False, xflip=False,
     ema_decay=None, ema_halflife_kimg=None, grad_clip=0.0, max_skips=20, bf16=False, device=None,
-    eval_samples=4096,
+    eval_samples=None, classes=None, vae=None,
 )
 
 
@@ -1119,7 +1370,10 @@ def base_parser(method, description):
     a("--max-skips", type=int, help="stop after this many consecutive non-finite steps")
     a("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast for forward/backward passes (CUDA)")
     a("--device", choices=["cpu", "cuda"], help="force a device (default: CUDA when available)")
-    a("--eval-samples", type=int, help="toy sets: points per NFE written to samples/nfe{k}.npy and scored")
+    a("--vae", help="latent data: diffusers AutoencoderKL name or folder that decodes samples (default: the one "
+                    "recorded in the shards' meta.json)")
+    a("--eval-samples", type=int, help="samples per sampler and NFE written at the end to samples/nfe{k}.npy "
+                                       "(toy points) or .npz (images) and scored (default: toy 4096, images 1000)")
     return p
 
 
@@ -1145,6 +1399,8 @@ def resolve_config(args, method, defaults, presets):
     cfg["out"] = cfg["out"] or os.path.join("runs", f"{method}-{dataset}")
     if cfg["ema_decay"] is not None:
         cfg["ema_halflife_kimg"] = None
+    if cfg["eval_samples"] is None:
+        cfg["eval_samples"] = 4096 if dataset in TOY_SETS else 1000
     return cfg
 
 
@@ -1189,9 +1445,9 @@ class Run:
                 json.dump(self.cfg, f, indent=1, sort_keys=True)
 
     def autocast(self):
-        """bf16 autocast for the passes that allow it (off on CPU or without --bf16)."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16,
-                              enabled=bool(self.cfg.get("bf16")) and self.device.type == "cuda")
+        """--bf16: bf16 autocast around a method's loss, on CUDA or the CPU (see "Precision" above for which
+        passes then run in bf16 and which stay in fp32)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bool(self.cfg.get("bf16")))
 
     def wrap(self, model):
         """DDP-wrap a model that receives gradients (no-op in a single process)."""
@@ -1309,10 +1565,50 @@ class Run:
         """A private CPU generator for sampling, so sampling never moves the training RNG streams."""
         return torch.Generator().manual_seed(self.cfg["seed"] * 1000003 + salt * 1009 + self.dist.rank)
 
-    def sample_labels(self, data, n, generator):
+    def sample_labels(self, data, n, generator, start=0):
+        """Labels of samples start .. start + n - 1: None for an unconditional model; the classes of --class
+        in turn; else drawn uniformly from `generator`."""
         if not self.cfg.get("class_cond"):
             return None
+        if self.cfg.get("classes"):
+            classes = self.cfg["classes"]
+            return torch.tensor([classes[(start + j) % len(classes)] for j in range(n)], device=self.device)
         return torch.randint(0, data.num_classes, (n,), generator=generator).to(self.device)
+
+    def _batches(self, n, salt, batch):
+        """This rank's share of n samples as (start, size, generator): batch i covers samples i*batch ..
+        and draws from a generator seeded by (seed, salt, i) alone, and batches are dealt to the ranks in
+        turn, so the samples of a seed are the same on one process or many."""
+        for i, start in enumerate(range(0, n, batch)):
+            if i % self.dist.world_size == self.dist.rank:
+                seed = (self.cfg["seed"] * 1_000_003 + salt * 10_007 + i) % (1 << 63)
+                yield start, min(batch, n - start), torch.Generator().manual_seed(seed)
+
+    def draw(self, sample_fn, data, n, nfe, salt, batch=None, desc=None):
+        """n samples of sample_fn at `nfe`, drawn in batches shared out over the ranks (a collective: every
+        rank calls it). Returns, on rank 0, every sample in index order with its label (None if
+        unconditional): images as uint8 [n, H, W, C] (what a PNG holds), toy points as float32 [n, d];
+        None on the other ranks."""
+        batch = batch or (n if data.kind == "toy" else self.cfg["fid_batch"])
+        mine = list(self._batches(n, salt, batch))
+        if desc and self.is_main:
+            from tqdm import tqdm
+            mine = tqdm(mine, desc=desc, unit="batch", dynamic_ncols=True, mininterval=5)
+        parts = []
+        for start, size, g in mine:
+            labels = self.sample_labels(data, size, g, start)
+            x = sample_fn(size, nfe, labels, g)
+            x = x.float().cpu().numpy() if data.kind == "toy" else to_uint8(to_pixels(data, x))
+            parts.append((start, x, None if labels is None else labels.cpu().numpy()))
+        if self.dist.ddp:
+            gathered = [None] * self.dist.world_size if self.is_main else None
+            tdist.gather_object(parts, gathered, dst=0)
+            parts = [p for rank_parts in gathered for p in rank_parts] if self.is_main else []
+        if not self.is_main:
+            return None
+        parts.sort(key=lambda p: p[0])
+        labels = None if parts[0][2] is None else np.concatenate([p[2] for p in parts])
+        return np.concatenate([p[1] for p in parts]), labels
 
     def after_step(self, step, state, sample, data):
         """The loop's bookkeeping after update `step` (0-based): grids every sample_every updates, and a
@@ -1349,55 +1645,58 @@ class Run:
                     save_grid(to_pixels(data, x), path)
 
     def evaluate(self, samplers, data):
-        """End-of-run evaluation into eval.json. samplers: {name: (sample_fn, nfes)} as in save_samples.
-        Toy sets: the sliced Wasserstein distance to held-out data per NFE, {"swd": {"1": ...}} for the
-        main sampler and {"swd_<name>": ...} for the others; points in samples/[<name>_]nfe{k}.npy,
-        the held-out data in samples/data.npy. Images with --fid: {"fid": {...}} likewise."""
-        result = {}
-        toy = data.kind == "toy"
+        """End-of-run evaluation into eval.json (a collective: every rank calls it). samplers: {name:
+        (sample_fn, nfes)} as in save_samples. For every sampler and NFE, eval_samples samples are written
+        to samples/[<name>_]nfe{k}.npy (toy points, float32 [n, d]) or .npz (images, uint8 NHWC under
+        `arr_0`, the ADM evaluation-suite format) and scored: toy sets by the sliced Wasserstein distance
+        to held-out data ({"swd": {"1": ...}}, held-out points in samples/data.npy), digits by the digits
+        figure ({"fd": ..., "modes": ..., "class_share": ...}), other images with --fid by FID
+        ({"fid": ...}). Keys of the other samplers than the method's own get the suffix _<name>."""
+        result, n = {}, self.cfg["eval_samples"]
+        toy, digits = data.kind == "toy", self.cfg["dataset"] == "digits"
+        folder = os.path.join(self.out, "samples")
         if toy and self.is_main:
-            n = self.cfg["eval_samples"]
             held_out = data.sample(n, generator=torch.Generator().manual_seed(10_000 + self.cfg["seed"]))[0]
-            np.save(os.path.join(self.out, "samples", "data.npy"), held_out.numpy().astype(np.float32))
+            np.save(os.path.join(folder, "data.npy"), held_out.numpy().astype(np.float32))
+        quality = DigitsQuality(self.cfg.get("data_path"), verbose=False) if digits and self.is_main and n else None
         for name, (sample_fn, nfes) in samplers.items():
             suffix = "_" + name if name else ""
-            if toy and self.is_main:
-                scores = result["swd" + suffix] = {}
-                for k in nfes:
-                    g = self.generator(k)
-                    x = sample_fn(n, k, self.sample_labels(data, n, g), g).float().cpu()
-                    np.save(os.path.join(self.out, "samples", f"{name + '_' if name else ''}nfe{k}.npy"),
-                            x.numpy().astype(np.float32))
-                    scores[str(k)] = sliced_wasserstein(x, held_out)
+            for k in nfes:
+                drawn = self.draw(sample_fn, data, n, k, salt=k) if n else None
+                if drawn is not None:
+                    x, labels = drawn
+                    stem = os.path.join(folder, f"{name + '_' if name else ''}nfe{k}")
+                    if toy:
+                        np.save(stem + ".npy", x)
+                        result.setdefault("swd" + suffix, {})[str(k)] = sliced_wasserstein(torch.from_numpy(x), held_out)
+                    else:
+                        save_npz(stem + ".npz", x, labels)
+                    if quality is not None:
+                        for key, value in quality.score(from_uint8(x)).items():
+                            result.setdefault(key + suffix, {})[str(k)] = value
             if self.cfg.get("fid") and not toy:
-                result["fid" + suffix] = {str(k): self.fid(sample_fn, data, k) for k in nfes}
+                result["fid" + suffix] = {str(k): self.fid(sample_fn, data, k, name) for k in nfes}
         if self.is_main and result:
             path = os.path.join(self.out, "eval.json")
             previous = json.load(open(path)) if os.path.isfile(path) else {}
             with open(path, "w") as f:
                 json.dump({**previous, **result}, f, indent=1)
-            print0("eval:", json.dumps(result))
+            print0("eval:", json.dumps({k: v for k, v in result.items() if not k.startswith("class_share")}))
         return result
 
-    def fid(self, sample_fn, data, nfe):
-        """FID of cfg.fid samples (split over ranks) against the reference statistics."""
+    def fid(self, sample_fn, data, nfe, name=""):
+        """FID of cfg.fid samples (batches shared out over the ranks) against the reference statistics."""
         cfg = self.cfg
         ref = fid_reference(cfg["dataset"], cfg.get("data_path"), cfg.get("fid_ref"), cfg.get("fid_weights"),
                             dist_info=self.dist)
         inception = load_fid_inception(cfg.get("fid_weights"), self.device)
-        total, world, rank = cfg["fid"], self.dist.world_size, self.dist.rank
-        mine = total // world + (rank < total % world)
-        g = self.generator(10_000 + nfe)
 
         def batches():
-            done = 0
-            while done < mine:
-                b = min(cfg["fid_batch"], mine - done)
-                yield to_pixels(data, sample_fn(b, nfe, self.sample_labels(data, b, g), g))
-                done += b
+            for start, size, g in self._batches(cfg["fid"], 10_000 + nfe, cfg["fid_batch"]):
+                yield to_pixels(data, sample_fn(size, nfe, self.sample_labels(data, size, g, start), g))
         mu, sigma = inception_stats(batches(), inception, self.device)
         value = frechet_distance(mu, sigma, *ref)
-        print0(f"FID ({total} samples, {nfe} NFE): {value:.3f}")
+        print0(f"FID ({cfg['fid']} samples, sampler {name or 'default'}, {nfe} NFE): {value:.3f}")
         return value
 
     def close(self):
@@ -1449,7 +1748,8 @@ def _main(argv=None):
     e = sub.add_parser("encode-latents", help="encode an ImageFolder into VAE latent shards")
     e.add_argument("--images", required=True, help="ImageFolder root (one sub-folder per class)")
     e.add_argument("--out", default="./data/imagenet-latents")
-    e.add_argument("--vae", default="stabilityai/sd-vae-ft-ema", help="diffusers AutoencoderKL name or folder")
+    e.add_argument("--vae", default=DEFAULT_VAE, help="diffusers AutoencoderKL name or folder (recorded in "
+                   "meta.json; training and sampling decode with it unless their --vae says otherwise)")
     e.add_argument("--image-size", type=int, default=256)
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--scale-factor", type=float, default=0.18215)

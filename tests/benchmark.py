@@ -20,6 +20,15 @@ distances its run wrote to eval.json, per sampler and NFE:
     TOYS["<method>"] = runner(dataset, out, steps) -> {"<method>/<sampler>": {nfe: swd}}
 steps=None keeps the preset's length (--toy-steps shortens every run for a smoke test). The table adds
 the noise prior and the data-vs-data floor (two independent held-out sets of the same size).
+
+Table c, sample quality on real images (scikit-learn's 8x8 digits, DiT-T/2): every entry of DIGITS trains
+with its method's digits preset through the script's `main` and returns the digits figure its run wrote to
+eval.json (Frechet distance to the held-out digits in a small classifier's features, and the effective
+number of classes), per sampler and NFE:
+    DIGITS["<entry>"] = runner(out, steps, flags) -> {"<method>/<sampler>": {nfe: {"fd": x, "modes": y}}}
+The flow-matching baseline is DE-CM's teacher (`decm.py --losses fm`, plain flow matching on the same DiT
+and step budget) with Euler steps; the table adds the floor (held-out vs training digits) and the ceiling
+(Gaussian noise), and checks the goals of the digits issue.
 """
 import argparse
 import json
@@ -40,6 +49,9 @@ REFERENCE = {}          # the step each entry's goal is measured against (fm/pla
 GOAL = {}               # the step-cost goal from the method's issue, as a ratio to its reference
 TOYS = {}
 TOY_NFES = (1, 2, 4, 100)
+DIGITS = {}
+DIGITS_NFES = (1, 2, 4, 8, 100)
+TOY_EVAL_SAMPLES = 4096                 # the scripts' default --eval-samples for toy sets
 
 
 def step_cost(name, reference="fm/plain", goal=None):
@@ -62,6 +74,26 @@ def run_eval(main, argv, dataset, out, steps):
     main(argv + (["--steps", str(steps)] if steps else []))
     with open(os.path.join(out, "eval.json")) as f:
         return json.load(f)
+
+
+def digits_quality(entry):
+    def register(fn):
+        DIGITS[entry] = fn
+        return fn
+    return register
+
+
+def digits_eval(main, argv, out, steps, flags):
+    """Train on digits with a method script's own main and its digits preset; returns its eval.json."""
+    argv = ["--dataset", "digits", "--out", out, "--log-every", "1000000", *flags, *argv]
+    main(argv + (["--steps", str(steps)] if steps else []))
+    with open(os.path.join(out, "eval.json")) as f:
+        return json.load(f)
+
+
+def digits_scores(ev, suffix=""):
+    """{nfe: {"fd": x, "modes": y}} of one sampler from an eval.json."""
+    return {int(k): {"fd": v, "modes": ev["modes" + suffix][k]} for k, v in ev["fd" + suffix].items()}
 
 
 def nfe_scores(scores):
@@ -281,6 +313,133 @@ def decm_toy(dataset, out, steps):
     return {**rows, "decm/FM-teacher-euler": nfe_scores(teacher["swd"])}
 
 
+def _nfes(*nfes):
+    return ["--nfe", *map(str, nfes)]
+
+
+@digits_quality("fm+decm")
+def decm_digits(out, steps, flags):
+    """The flow-matching baseline: DE-CM's teacher is plain flow matching (Eq. 3, uniform t, no cosine term)
+    on the same DiT and step budget, sampled with Euler. Then the DE-CM student distilled from it (the
+    preset's fm,cd,n2n) with the CM, Mix (Euler first, the paper's; and flow-map first) and Euler samplers."""
+    import decm
+    teacher = digits_eval(decm.main, ["--losses", "fm", *_nfes(*DIGITS_NFES)], os.path.join(out, "fm"), steps, flags)
+    student = digits_eval(decm.main, ["--teacher", os.path.join(out, "fm", "ckpt.pt"), *_nfes(1, 2, 4),
+                                      "--samplers", "cm", "mix", "mix-flowmap", "euler"],
+                          os.path.join(out, "decm"), steps, flags)
+    return {"fm/euler": digits_scores(teacher),
+            **{f"decm/{s}": digits_scores(student, "_" + s) for s in ("cm", "mix", "mix-flowmap", "euler")}}
+
+
+@digits_quality("scm")
+def scm_digits(out, steps, flags):
+    """sCM: the TrigFlow teacher (Eq. 4) with its PF-ODE sampler, sCT from scratch and sCD from that teacher,
+    with the consistency sampler (intermediate time 1.1 for 2 steps)."""
+    import scm
+    teacher = digits_eval(scm.main, ["--mode", "diffusion", *_nfes(*DIGITS_NFES)], os.path.join(out, "teacher"),
+                          steps, flags)
+    sct = digits_eval(scm.main, ["--mode", "sct", *_nfes(1, 2, 4)], os.path.join(out, "sct"), steps, flags)
+    scd = digits_eval(scm.main, ["--mode", "scd", "--teacher", os.path.join(out, "teacher", "ckpt.pt"),
+                                 *_nfes(1, 2, 4)], os.path.join(out, "scd"), steps, flags)
+    return {"scm/teacher-ode": digits_scores(teacher), "scm/sct": digits_scores(sct), "scm/scd": digits_scores(scd)}
+
+
+@digits_quality("gcm")
+def gcm_digits(out, steps, flags):
+    """GCM, every module of Table 1: CU with the restart sampler, VU with the pushforward sampler."""
+    import gcm
+    cu = digits_eval(gcm.main, ["--variant", "cu", *_nfes(1, 2, 4)], os.path.join(out, "cu"), steps, flags)
+    vu = digits_eval(gcm.main, ["--variant", "vu", *_nfes(1, 2, 4)], os.path.join(out, "vu"), steps, flags)
+    return {"gcm/cu-restart": digits_scores(cu), "gcm/vu-pushforward": digits_scores(vu)}
+
+
+@digits_quality("direct")
+def direct_digits(out, steps, flags):
+    """Direct: the one-step map, and the velocity field trained jointly with it (pure CFM) under Euler."""
+    import direct
+    ev = digits_eval(direct.main, ["--euler-steps", *map(str, DIGITS_NFES)], os.path.join(out, "direct"), steps, flags)
+    return {"direct/one-step": digits_scores(ev), "direct/v-euler": digits_scores(ev, "_euler")}
+
+
+@digits_quality("cfg")
+def cfg_digits(out, steps, flags):
+    """Class-conditional runs with classifier-free guidance, for the methods that use it: a guided FM teacher
+    (label dropout 0.1; Euler with CFG scale 1.5) and the DE-CM student distilled from it with guidance
+    w_cfg 1.5 (velocity normalisation, Alg. 1 l.6); sCD with w ~ U[1, 2] as a student input from a
+    class-conditional TrigFlow teacher, sampled at 1.5; Direct with CFG 1.5 inside the propagation target."""
+    import decm
+    import direct
+    import scm
+    cond = ["--class-cond"]
+    fm = digits_eval(decm.main, ["--losses", "fm", *cond, "--w-cfg", "1.5", *_nfes(*DIGITS_NFES)],
+                     os.path.join(out, "fm"), steps, flags)
+    de = digits_eval(decm.main, ["--teacher", os.path.join(out, "fm", "ckpt.pt"), "--w-cfg", "1.5", *_nfes(1, 2, 4)],
+                     os.path.join(out, "decm"), steps, flags)
+    teacher = digits_eval(scm.main, ["--mode", "diffusion", *cond, "--class-dropout", "0.1", "--cfg-scale", "1.5",
+                                     *_nfes(8, 100)], os.path.join(out, "scm-teacher"), steps, flags)
+    scd = digits_eval(scm.main, ["--mode", "scd", *cond, "--teacher", os.path.join(out, "scm-teacher", "ckpt.pt"),
+                                 "--cfg-max", "2", "--cfg-scale", "1.5", *_nfes(1, 2, 4)],
+                      os.path.join(out, "scd"), steps, flags)
+    dm = digits_eval(direct.main, [*cond, "--class-dropout", "0.1", "--cfg-scale", "1.5", "--euler-steps", "100"],
+                     os.path.join(out, "direct"), steps, flags)
+    return {"fm/euler-cfg1.5": digits_scores(fm), "decm/auto-cfg1.5": digits_scores(de),
+            "scm/teacher-ode-cfg1.5": digits_scores(teacher), "scm/scd-cfg1.5": digits_scores(scd),
+            "direct/one-step-cfg1.5": digits_scores(dm), "direct/v-euler-cfg1.5": digits_scores(dm, "_euler")}
+
+
+def digits_table(steps, only, tmp, flags=()):
+    """Table c: {row: {nfe: {"fd", "modes"}}} and each row's training seconds, then the floor and ceiling."""
+    rows, seconds = {}, {}
+    data_path = os.path.join(tmp, "digits-data")
+    flags = ["--data-path", data_path, *flags]
+    quality = common.DigitsQuality(data_path)                     # trains (and caches) the classifier once
+    for entry, runner in DIGITS.items():
+        if only and not any(o in entry for o in only):
+            continue
+        t0 = time.perf_counter()
+        res = runner(os.path.join(tmp, "digits-" + entry.replace("+", "-")), steps, flags)
+        seconds.update({r: time.perf_counter() - t0 for r in res})
+        rows.update(res)
+    floor, ceiling = quality.floor(), quality.ceiling()
+    rows["held-out vs training digits (floor)"] = {0: {"fd": floor["fd"], "modes": floor["modes"]}}
+    rows["Gaussian noise (ceiling)"] = {0: {"fd": ceiling["fd"], "modes": ceiling["modes"]}}
+    return rows, seconds, quality.accuracy
+
+
+def digits_markdown(rows, seconds):
+    head = "| method / sampler | " + " | ".join(f"{k} NFE" for k in DIGITS_NFES) + " | train s |"
+    lines = [head, "|---|" + "---|" * (len(DIGITS_NFES) + 1)]
+    for name, scores in rows.items():
+        def cell(k):
+            return f"{scores[k]['fd']:.1f} ({scores[k]['modes']:.1f})" if k in scores else "-"
+        cells = [cell(0)] + [""] * (len(DIGITS_NFES) - 1) if 0 in scores else [cell(k) for k in DIGITS_NFES]
+        t = f"{seconds[name]:.0f}" if name in seconds else ""
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {t} |")
+    return "\n".join(lines)
+
+
+def digits_goals(rows):
+    """The digits issue's goals: per method, the best FD at 1 or 2 NFE within 2x of the flow-matching
+    baseline at 100 Euler steps, and the 1-NFE FD below a quarter of the ceiling; and whether more steps
+    help where the papers claim it (sCM 2 vs 1, GCM CU restart 2 vs 1, DE-CM Mix vs CM at 4)."""
+    base = rows["fm/euler"][100]["fd"]
+    ceiling = rows["Gaussian noise (ceiling)"][0]["fd"]
+    goals = {}
+    for name, scores in rows.items():
+        if name.startswith(("fm/", "held-out", "Gaussian")) or "euler" in name or "teacher" in name or 1 not in scores:
+            continue
+        best = min(scores[k]["fd"] for k in (1, 2) if k in scores)
+        goals[name] = {"best_1_2": best, "within_2x_fm100": best <= 2 * base,
+                       "below_quarter_ceiling_1nfe": scores[1]["fd"] < ceiling / 4}
+    claims = {}
+    for name in ("scm/sct", "scm/scd", "gcm/cu-restart"):
+        if name in rows and 2 in rows[name]:
+            claims[f"{name}: 2 NFE better than 1"] = rows[name][2]["fd"] < rows[name][1]["fd"]
+    if "decm/mix" in rows and "decm/cm" in rows:
+        claims["decm: Mix better than CM at 4 NFE"] = rows["decm/mix"][4]["fd"] < rows["decm/cm"][4]["fd"]
+    return {"fm100": base, "ceiling": ceiling, "methods": goals, "claims": claims}
+
+
 def measure(names, model_name, batch, size, repeats, warmup, run):
     steps = {n: STEPS[n](model_name, batch, size, run) for n in names}
     cuda = run.device.type == "cuda"
@@ -345,7 +504,7 @@ def toy_table(dataset, steps, only, tmp):
         res = runner(dataset, os.path.join(tmp, "toy-" + method), steps)
         seconds.update({r: time.perf_counter() - t0 for r in res})
         rows.update(res)
-    n = common.COMMON_DEFAULTS["eval_samples"]
+    n = TOY_EVAL_SAMPLES
     data = common.load_dataset(dataset)
     held_out = data.sample(n, generator=torch.Generator().manual_seed(10_000))[0]
     other = data.sample(n, generator=torch.Generator().manual_seed(20_000))[0]
@@ -382,7 +541,9 @@ def main(argv=None):
     p.add_argument("--json", help="also write the figures as JSON")
     p.add_argument("--toy-dataset", default="checkerboard", choices=common.TOY_SETS)
     p.add_argument("--toy-steps", type=int, help="shorten every toy run to this many steps (smoke test)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["step-cost", "toy"], help="leave a table out")
+    p.add_argument("--digits-steps", type=int, help="shorten every digits run to this many steps (smoke test)")
+    p.add_argument("--digits-flags", nargs="*", default=[], help="extra flags for every digits run (smoke test)")
+    p.add_argument("--skip", nargs="*", default=[], choices=["step-cost", "toy", "digits"], help="leave a table out")
     args = p.parse_args(argv)
     chosen = [n for n in STEPS if not args.only or any(s in n for s in args.only)]
     names = [n for n in STEPS if n == "fm/plain" or n in chosen or any(REFERENCE[c] == n for c in chosen)]
@@ -408,9 +569,32 @@ def main(argv=None):
             figures["toy"]["prior"] = rows["noise prior (0 NFE)"][0]
             figures["toy"]["floor"] = rows["data vs data (floor)"][0]
             print(f"\nSample quality on {args.toy_dataset}: sliced Wasserstein distance to "
-                  f"{common.COMMON_DEFAULTS['eval_samples']} held-out points (lower is better), each method's "
+                  f"{TOY_EVAL_SAMPLES} held-out points (lower is better), each method's "
                   f"toy preset{f', {args.toy_steps} steps' if args.toy_steps else ''}\n")
             print(toy_markdown(rows, seconds))
+        if "digits" not in args.skip:
+            torch.manual_seed(0)
+            rows, seconds, accuracy = digits_table(args.digits_steps, args.only, tmp, args.digits_flags)
+            figures["digits"] = {f"{r}/nfe{k}": v for r, scores in rows.items() if "/" in r for k, v in scores.items()}
+            figures["digits"]["floor"] = rows["held-out vs training digits (floor)"][0]
+            figures["digits"]["ceiling"] = rows["Gaussian noise (ceiling)"][0]
+            figures["digits"]["seconds"] = seconds
+            figures["digits"]["classifier_accuracy"] = accuracy
+            print(f"\nSample quality on digits (8x8, DiT-T/2): Frechet distance to the 360 held-out digits in the "
+                  f"features of a classifier with {100 * accuracy:.1f}% held-out accuracy, and in brackets the "
+                  f"effective number of classes of the samples (10 = all digits equally often); lower FD is "
+                  f"better{f', {args.digits_steps} steps' if args.digits_steps else ''}\n")
+            print(digits_markdown(rows, seconds))
+            if "fm/euler" in rows:
+                goals = digits_goals(rows)
+                figures["digits_goals"] = goals
+                print(f"\nGoals (FM baseline at 100 Euler steps: {goals['fm100']:.1f}; ceiling {goals['ceiling']:.1f}):")
+                for name, g in goals["methods"].items():
+                    print(f"- {name}: best FD at 1-2 NFE {g['best_1_2']:.1f}, within 2x of FM-100: "
+                          f"{'met' if g['within_2x_fm100'] else 'NOT met'}; 1 NFE below a quarter of the ceiling: "
+                          f"{'met' if g['below_quarter_ceiling_1nfe'] else 'NOT met'}")
+                for claim, holds in goals["claims"].items():
+                    print(f"- {claim}: {'shows' if holds else 'does not show'}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=1)

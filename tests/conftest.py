@@ -104,3 +104,12 @@ def run_cli(main, argv, capsys):
     except SystemExit as e:
         code = e.code
     return code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.fixture(scope="session")
+def digits_data(tmp_path_factory):
+    """A data folder holding the digits classifier, trained once for the whole session (about 15 s)."""
+    import common
+    path = tmp_path_factory.mktemp("digits-data")
+    common.digits_classifier(str(path))
+    return str(path)
