@@ -33,6 +33,7 @@ CD or N2N first trains the FM teacher for --teacher-steps into OUT/teacher; with
 trains from scratch on v_t = x - z (Alg. 1 l.6 comment).
 """
 import argparse
+import functools
 import math
 import os
 import sys
@@ -66,23 +67,59 @@ def guided_velocity(teacher, x, t, y, w_cfg=1.0, eta=1.0, normalize=True):
         velocity normalization, l.6: v = v_cond + (w_cfg - 1) eta (v_cond - v_uncond) / ||v_cond - v_uncond||
     ||.|| is the per-sample RMS (L2 norm / sqrt(#elements)); the paper does not say which norm. With the
     plain L2 norm the guidance step would shrink like 1/sqrt(dimension), so no eta could carry from 2D toy
-    data to 32x16x16 latents; with the RMS, eta is the per-element size of the guidance step."""
-    if y is None or w_cfg == 1.0:
-        return teacher(x, t, y=y)
-    null = torch.full_like(y, teacher.null_label)
-    v_cond, v_uncond = teacher(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, null])).chunk(2)
-    diff = fp32(v_cond) - fp32(v_uncond)                                     # fp32: the norm of a small difference
+    data to 32x16x16 latents; with the RMS, eta is the per-element size of the guidance step.
+
+    The teacher runs in fp32 even under --bf16: its velocity enters the CD and N2N residuals next to
+    F_minus (from the fp32 JVP), and v_cond - v_uncond is a difference of near-equal velocities."""
+    with common.full_precision(x):
+        if y is None or w_cfg == 1.0:
+            return teacher(x, t, y=y)
+        null = torch.full_like(y, teacher.null_label)
+        v_cond, v_uncond = teacher(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, null])).chunk(2)
+    diff = fp32(v_cond) - fp32(v_uncond)                                     # (B, ...)
     if normalize:
         rms = diff.pow(2).mean(dim=tuple(range(1, diff.dim())), keepdim=True).sqrt()
         diff = eta * diff / (rms + 1e-6)                                     # l.6
     return v_cond + (w_cfg - 1) * diff                                       # Eq. (18)
 
 
-def adaptive_loss(pred, target, p, c):
+def calibrate_eta(teacher, data, cfg, device, batches=8, batch=64, seed=0):
+    """eta of Alg. 1 l.6, measured instead of guessed: the teacher's mean per-sample RMS of v_cond - v_uncond
+    over `batches` batches of training images at times from the training schedule. With it the
+    normalised guidance term (w_cfg - 1) eta (v_cond - v_uncond) / RMS has, on average over the data, the
+    size of plain CFG's (w_cfg - 1) (v_cond - v_uncond), and only its direction is normalised per sample
+    (APG-style, which the paper follows); a fixed eta = 1 would set its RMS to w_cfg - 1 whatever the teacher's
+    CFG difference is. Runs at the start, before any training draw (the global RNG is left as it was);
+    averaged over ranks."""
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        torch.manual_seed(seed)
+        for _ in range(batches):
+            if data.kind == "toy":
+                x, y = data.sample(batch, generator=g)
+            else:
+                x, y = data.get(torch.randint(0, len(data), (batch,), generator=g))
+            x, y = x.to(device), y.to(device)
+            z = torch.randn_like(x)
+            t = time_schedule(cfg).sample(len(x), device)
+            z_t = INTERP(x, z, t)[0]
+            null = torch.full_like(y, teacher.null_label)
+            with common.full_precision(z_t):
+                v_cond, v_uncond = teacher(torch.cat([z_t, z_t]), torch.cat([t, t]), y=torch.cat([y, null])).chunk(2)
+            diff = (v_cond - v_uncond).double()
+            total += diff.pow(2).flatten(1).mean(1).sqrt().sum()
+            count += len(x)
+    return float(common.all_reduce_mean(total / count))
+
+
+def adaptive_loss(pred, target, p, c, sample_weight=None):
     """Section 4.4, adaptive loss weighting (MeanFlow/FACM): d / sg(d + c)^p per sample, d the mean
-    squared error; p = 0.5 makes it a pseudo-Huber loss, p = 0 plain MSE. Used as d_1 and d_3 of Alg. 1."""
+    squared error; p = 0.5 makes it a pseudo-Huber loss, p = 0 plain MSE. Used as d_1 and d_3 of Alg. 1;
+    sample_weight [B] multiplies each sample's term."""
     d = (fp32(pred) - fp32(target)).pow(2).flatten(1).mean(1)               # (B,)
-    return (d / (d.detach() + c).pow(p)).mean()
+    per_sample = d / (d.detach() + c).pow(p)
+    return (per_sample if sample_weight is None else per_sample * sample_weight).mean()
 
 
 def cosine_loss(pred, target):
@@ -101,9 +138,12 @@ def weight(kind, t, r=None):
     """w_1(t) and w_2(r, t), not given numerically in the paper. "1": the target is sg(F) - g, i.e.
     Eq. (10) with w'(t) = 1 gives v_bar (the "average velocity" target). "1-t" / "t-r": Eq. (7)'s
     w'(t) = w(t) eps (1 - t) / 2 with w = 1/eps, up to the factor 1/2: the gradient of the discrete
-    consistency loss, which fades where the map is the identity (s - t -> 0)."""
+    consistency loss, which fades where the map is the identity (s - t -> 0). "1-sqrt(t)": the relaxation
+    of FACM, DE-CM's parent (https://github.com/ali-vilab/FACM, losses.py: 1 - t^p with p = 0.5)."""
     if kind == "1":
         return torch.ones_like(t)
+    if kind == "1-sqrt(t)":
+        return 1 - t.sqrt()
     return 1 - t if kind == "1-t" else t - r
 
 
@@ -115,6 +155,13 @@ def cm_residual(F_net, z_t, t, v_t, jvp=common.jvp):
     one = torch.ones_like(t)
     F_minus, dF_dt = jvp(F_net, (z_t, t, one), (v_t, one, torch.zeros_like(t)))   # l.8, Eq. (11)
     return F_minus, F_minus - v_t - common.bcast(1 - t, z_t) * dF_dt               # l.9
+
+
+def cm_target(F_minus, g, t, cfg):
+    """Alg. 1 l.10: v_cm^tar = sg(F_cm) - w_1(t) g_cm. With --clip-g, g_cm is clipped to [-1, 1] first
+    (FACM's target, https://github.com/ali-vilab/FACM, losses.py; off by default: the paper does not say)."""
+    step = g.clamp(-1, 1) if cfg["clip_g"] else g
+    return F_minus - common.bcast(weight(cfg["w1"], t), g) * step
 
 
 def n2n_residual(F_net, velocity, z_r, r, t, v_r, lam, gam, v_t=None, literal=False, jvp=common.jvp):
@@ -152,6 +199,10 @@ def teacher_loss(model, batch, y, cfg):
 def cd_fm_loss(model, batch, y, cfg):
     """Alg. 1 l.8-15: L_cm (Eq. 10) + L_fm (Eq. 17), both from one update.
 
+    Precision under --bf16 (common.py, "Precision"): the gradient passes (the student's F here and in
+    n2n_fm_loss) may run in bf16; the targets may not: the JVPs run in fp32 (common.jvp), and so do the
+    teacher's velocities and CFG differences (guided_velocity) and v_psi of the N2N residual.
+
     The JVP runs on the module without DDP and without a graph; the gradient pass is one DDP forward over
     both student evaluations, F(z_t, t, 1) and F(z_t, t, t), batched (DDP allows one forward per backward)."""
     z_t, t, v_t = batch["z_t"], batch["t"], batch["v_t"]
@@ -159,14 +210,16 @@ def cd_fm_loss(model, batch, y, cfg):
     net = common.unwrap(model)
     if with_cd:
         F_minus, g = cm_residual(lambda x, a, b: net(x, a, b, y=y), z_t, t, v_t)
-        target = F_minus - common.bcast(weight(cfg["w1"], t), g) * g                      # l.10
+        target = cm_target(F_minus, g, t, cfg)                                             # l.10
     s = [torch.ones_like(t)] * with_cd + [t] * with_fm                                     # l.8: s = 1; l.13: s = t
     k = len(s)
     F_all = model(torch.cat([z_t] * k), torch.cat([t] * k), torch.cat(s),
                   y=None if y is None else torch.cat([y] * k)).chunk(k)                     # k x (B, ...)
     out, loss = {}, 0.0
     if with_cd:
-        out["cm"] = adaptive_loss(F_all[0], target, cfg["adaptive_p"], cfg["adaptive_c"])  # l.11, d_1
+        # l.11, d_1; FACM weighs it by cos(pi t / 2) (1 at the noise end, 0 at the data end), off by default
+        cm_weight = torch.cos(math.pi / 2 * t) if cfg["cm_weight"] == "cos" else None
+        out["cm"] = adaptive_loss(F_all[0], target, cfg["adaptive_p"], cfg["adaptive_c"], cm_weight)
         out["g_cm"] = fp32(g).pow(2).mean().sqrt()                                        # RMS, a diagnostic
         loss = loss + out["cm"]
     if with_fm:
@@ -184,8 +237,11 @@ def n2n_fm_loss(model, velocity, batch, y, cfg):
     net = common.unwrap(model)
 
     @torch.no_grad()
-    def v_phi(x, s):
-        return fp32(net(x, s, s, y=y) if velocity is None else velocity(x, s, y))
+    def v_phi(x, s):                                    # a target's velocity: fp32, no dropout of its own
+        if velocity is not None:
+            return fp32(velocity(x, s, y))
+        with common.eval_mode(net), common.full_precision(x):
+            return net(x, s, s, y=y)
     F_minus, g = n2n_residual(lambda x, a, b: net(x, a, b, y=y), v_phi, z_r, r, t, v_r, cfg["lam"],
                               cfg["gamma"], batch["v_t"], cfg["n2n_form"] == "literal")
     target = F_minus - common.bcast(weight(cfg["w2"], t, r), g) * g                          # l.24
@@ -210,9 +266,10 @@ def n2n_fm_loss(model, velocity, batch, y, cfg):
 class ArctanNormal:
     """"arctan-norm": sCM's log-normal noise level tau ~ N(m, s^2) pushed through the TrigFlow angle,
     rescaled to [0, 1] with data at 1: t = 1 - (2/pi) arctan(e^tau) (the same construction as FACM's
-    default sampler, https://github.com/ali-vilab/FACM, losses.py)."""
+    default sampler, https://github.com/ali-vilab/FACM, losses.py, whose defaults m = -0.8, s = 1.6 are
+    ours too)."""
 
-    def __init__(self, m=0.0, s=1.0):
+    def __init__(self, m=-0.8, s=1.6):
         self.m, self.s = m, s
 
     def sample(self, n, device="cpu"):
@@ -224,6 +281,29 @@ class ArctanNormal:
         u = torch.as_tensor(t, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
         z = (torch.log(torch.tan(math.pi * (1 - u) / 2)) - self.m) / self.s
         return 0.5 * (1 - torch.erf(z / math.sqrt(2)))
+
+
+class Measured:
+    """Values a run measures once at its start (eta "auto") and keeps in its checkpoint, so that a resumed
+    run uses the same ones."""
+
+    def __init__(self, **values):
+        self.values = values
+
+    def __getitem__(self, key):
+        return self.values[key]
+
+    def __setitem__(self, key, value):
+        self.values[key] = value
+
+    def logged(self):
+        return {k: v for k, v in self.values.items() if isinstance(v, float)}
+
+    def state_dict(self):
+        return dict(self.values)
+
+    def load_state_dict(self, state):
+        self.values.update(state)
 
 
 def time_schedule(cfg):
@@ -293,15 +373,23 @@ def sample_euler(F_net, x, nfe, y=None, generator=None):
 
 
 @torch.no_grad()
-def sample_mix(F_net, x, nfe, y=None, generator=None, split=1):
-    """Fig. 5c: `split` deterministic flow-map steps x <- f(x, t_i, t_{i+1}) (Eq. 9) first, then CM steps
-    from t_split. The first step leaves pure noise through the noise-to-noisy map that L_n2n trains, so
-    the early, noisiest steps neither predict data nor inject fresh noise (Section 4.5). split is capped
-    at nfe - 1 (the last evaluation lands on data); with one NFE this is the CM map."""
+def sample_mix(F_net, x, nfe, y=None, generator=None, split=1, first="euler"):
+    """Fig. 5c: `split` deterministic steps first, then CM steps from t_split, so the early, noisiest
+    steps neither predict data nor inject fresh noise (Section 4.5). split is capped at nfe - 1 (the last
+    evaluation lands on data); with one NFE this is the CM map.
+
+    first="euler" (default, sampler "mix") is the paper's: "initiated with the Euler ODE and then followed
+    by the CMs paradigm", Euler steps x <- x + (t_{i+1} - t_i) F(x, t_i, t_i) on the instantaneous velocity
+    that L_fm trains. first="flowmap" (sampler "mix-flowmap") takes flow-map steps x <- f(x, t_i, t_{i+1})
+    (Eq. 9) instead: one jump out of pure noise along the noise-to-noisy map; but no loss trains the pairs
+    (t_i, t_{i+1}) with t_i > 0 that later flow-map steps of a split of 2 or more would use."""
     k = min(split, nfe - 1)
     for i in range(k):
         t, s = _times(nfe, i, x), _times(nfe, i + 1, x)
-        x = flow_map(x, t, s, F_net(x, t, s, y))
+        if first == "euler":
+            x = x + F_net(x, t, t, y) / nfe
+        else:
+            x = flow_map(x, t, s, F_net(x, t, s, y))
     return sample_cm(F_net, x, nfe, y, generator, start=k)
 
 
@@ -315,7 +403,8 @@ def sample_auto(F_net, x, nfe, y=None, generator=None, split=1):
     return sample_euler(F_net, x, nfe, y, generator)
 
 
-SAMPLERS = {"cm": sample_cm, "mix": sample_mix, "euler": sample_euler}
+SAMPLERS = {"cm": sample_cm, "mix": sample_mix, "mix-flowmap": functools.partial(sample_mix, first="flowmap"),
+            "euler": sample_euler}
 
 
 def samplers(net, cfg, data, device):
@@ -330,7 +419,7 @@ def samplers(net, cfg, data, device):
         def F_net(x, t, s, y):
             return net(x, t, s, y=y)
         fns = {"": (sample_auto, {"split": cfg["mix_split"]})}
-        fns.update({name: (SAMPLERS[name], {"split": cfg["mix_split"]} if name == "mix" else {})
+        fns.update({name: (SAMPLERS[name], {"split": cfg["mix_split"]} if name.startswith("mix") else {})
                     for name in cfg["samplers"]})
 
     def bind(fn, kw):
@@ -363,24 +452,29 @@ def load_teacher(cfg, data):
 
 def train(cfg, close=True):
     run = common.Run(cfg)
-    data = common.load_dataset(cfg["dataset"], cfg["data_path"])
+    data = common.load_dataset(cfg["dataset"], cfg["data_path"], cfg["vae"])
     role = cfg["role"]
     net = build_net(cfg, data, role)
     teacher, velocity = None, None
+    guidance = Measured(eta=cfg["eta"])          # eta "auto" is measured once and kept in the checkpoint
     if cfg["teacher"]:
         teacher, init = load_teacher(cfg, data)
         dit.load_backbone(net, init)                                         # Alg. 1 l.1
         teacher = teacher.to(run.device)
 
         def velocity(x, t, y):                                               # l.5-6 / l.20-21
-            return guided_velocity(teacher, x, t, y, cfg["w_cfg"], cfg["eta"], cfg["velocity_norm"])
+            return guided_velocity(teacher, x, t, y, cfg["w_cfg"], guidance["eta"], cfg["velocity_norm"])
     net = net.to(run.device)
     model = run.wrap(net)
     ema = common.make_ema(net, cfg)
     opt = common.make_optimizer("adamw", net.parameters(), cfg["lr"], weight_decay=cfg["weight_decay"])
     loader = common.Loader(data, run.batch_per_rank, run.dist, cfg["seed"], cfg["xflip"])
-    state = dict(model=net, ema=ema, opt=opt, loader=loader)
+    state = dict(model=net, ema=ema, opt=opt, loader=loader, guidance=guidance)
     start = run.restore(state)
+    if guidance["eta"] == "auto" and teacher is not None and cfg["w_cfg"] != 1 and cfg["velocity_norm"]:
+        guidance["eta"] = calibrate_eta(teacher, data, cfg, run.device)
+        common.print0(f"eta = {guidance['eta']:.4g}: the teacher's mean RMS of v_cond - v_uncond (Alg. 1 l.6, "
+                      f"calibrated)")
     run.save_config()
     sample = samplers(ema.model, cfg, data, run.device)
     held = {}                                 # the latest N2N update's figures, logged at every step
@@ -401,7 +495,7 @@ def train(cfg, close=True):
             n2n["grad_norm_n2n"] = run.update(opt, n2n.pop("loss"), net.parameters())   # l.28
             ema.update(net, cfg["batch_size"])
             held = n2n
-        run.log(step, {**losses, **held})
+        run.log(step, {**losses, **held, **guidance.logged()})
         run.after_step(step, state, sample, data)
     run.finish(f"step{cfg['steps']}", sample, data, close)
 
@@ -422,7 +516,7 @@ def train_teacher_first(cfg, argv):
 def sample_only(cfg):
     """--sample-only: grids (and --fid, or the toy metric) from the EMA weights of --ckpt."""
     run = common.Run(cfg)
-    data = common.load_dataset(cfg["dataset"], cfg["data_path"])
+    data = common.load_dataset(cfg["dataset"], cfg["data_path"], cfg["vae"])
     ckpt = common.load_checkpoint(cfg["ckpt"], "decm")
     net = build_net(cfg, data, cfg["role"])
     net.load_state_dict(ckpt["ema"])
@@ -438,8 +532,8 @@ def sample_only(cfg):
 # residual of the toy student grew to ~1e3 and training diverged (cf. sCM Section 4.1 on low time frequencies).
 DEFAULTS = dict(
     losses="fm,cd,n2n", teacher=None, teacher_steps=0, freq=3, w1="1", w2="1", lam=1.0, gamma=1.0, r_max=0.05,
-    n2n_form="derived", t_schedule=None, segments=16, t_mean=0.0, t_std=1.0, adaptive_p=0.5, adaptive_c=1e-3,
-    fm_cos=None, w_cfg=1.0, eta=1.0, velocity_norm=True, class_dropout=0.1, weight_decay=0.0, time_scale=10.0,
+    n2n_form="derived", t_schedule=None, segments=16, t_mean=None, t_std=None, adaptive_p=0.5, adaptive_c=1e-3,
+    fm_cos=None, w_cfg=1.0, eta="auto", velocity_norm=True, clip_g=False, cm_weight="1", class_dropout=0.1, weight_decay=0.0, time_scale=10.0,
     samplers=[], mix_split=1, nfe=[1, 2, 4],
 )
 # what the teacher (plain flow matching, Eq. 3) and the student (Alg. 1) use where a flag is not given
@@ -457,6 +551,9 @@ PRESETS = {
     # --w-cfg guidance), DiT-B/2 on 32x32 pixels, x-flips, EMA half-life 500k images.
     "cifar10": dict(model="DiT-B/2", batch_size=128, steps=400_000, lr=1e-4, ema_halflife_kimg=500, xflip=True,
                     teacher_steps=400_000, log_every=100, sample_every=10_000, ckpt_every=10_000),
+    # Digits (8x8, one channel): DiT-T/2 on a CPU, each stage in at most about five minutes on 2 cores.
+    "digits": dict(model="DiT-T/2", batch_size=64, steps=1500, lr=1e-3, ema_halflife_kimg=5, teacher_steps=1500,
+                   log_every=100, ckpt_every=500, samplers=["cm", "mix", "euler"]),
     # 2D toy sets: the MLP; teacher and student each train in about a minute on a laptop CPU.
     "toy": dict(model="MLP", batch_size=256, steps=2000, lr=1e-3, ema_decay=0.995, teacher_steps=2000,
                 log_every=100, ckpt_every=1000, samplers=["cm", "mix", "euler"]),
@@ -496,7 +593,11 @@ def parse_config(argv=None):
     a("--teacher-steps", type=int, help="without --teacher: first train the FM teacher for this many steps "
       "into OUT/teacher (presets: toy 2000, images 400k); 0 trains the student from scratch")
     a("--freq", type=int, help="N2N update every freq iterations, Alg. 1 l.17 (Table 3 m-o; default 3)")
-    a("--w1", choices=["1", "1-t"], help="w_1(t) of Alg. 1 l.10: 1 (Eq. 10 with w'=1, default) or 1-t (Eq. 7)")
+    a("--w1", choices=["1", "1-t", "1-sqrt(t)"],
+      help="w_1(t) of Alg. 1 l.10: 1 (Eq. 10 with w'=1, default), 1-t (Eq. 7) or FACM's 1-sqrt(t)")
+    a("--clip-g", action=argparse.BooleanOptionalAction,
+      help="clip g_cm to [-1, 1] in the CM target of Alg. 1 l.10 (FACM's; default off)")
+    a("--cm-weight", choices=["1", "cos"], help="per-sample weight of L_cm: 1 (default) or FACM's cos(pi t / 2)")
     a("--w2", choices=["1", "t-r"], help="w_2(r, t) of Alg. 1 l.24: 1 (default) or t-r")
     a("--lam", type=float, help="lambda of Eq. (14)/(15), weight of the left-end (r) identity (default 1)")
     a("--gamma", type=float, help="gamma of Eq. (14)/(15), weight of the right-end (t) identity (default 1)")
@@ -507,13 +608,14 @@ def parse_config(argv=None):
       help="t of Alg. 1 l.3 (Table 3 j-l): uniform-with-N-segments (student default), uniform (teacher "
            "default), log-norm, arctan-norm")
     a("--segments", type=int, help="N of the uniform-with-N-segments schedule, Section 4.4 (default 16)")
-    a("--t-mean", type=float, help="mean of the normal behind log-norm / arctan-norm (default 0)")
-    a("--t-std", type=float, help="std of the normal behind log-norm / arctan-norm (default 1)")
+    a("--t-mean", type=float, help="mean of the normal behind log-norm / arctan-norm (defaults 0 / FACM's -0.8)")
+    a("--t-std", type=float, help="std of the normal behind log-norm / arctan-norm (defaults 1 / FACM's 1.6)")
     a("--adaptive-p", type=float, help="p of the adaptive loss weighting d / sg(d + c)^p, Section 4.4 (default 0.5)")
     a("--adaptive-c", type=float, help="c of the adaptive loss weighting (default 1e-3)")
     a("--fm-cos", type=float, help="weight of L_cos in L_fm, Eq. (17) (student default 1; teacher default 0, Eq. 3)")
     a("--w-cfg", type=float, help="w_cfg of Eq. (18) for the teacher velocity (default 1 = no guidance)")
-    a("--eta", type=float, help="eta of Alg. 1 l.6: RMS size of the normalised guidance direction (default 1)")
+    a("--eta", help="eta of Alg. 1 l.6, the RMS size of the normalised guidance direction: a number, or auto "
+                    "(default): the teacher's mean RMS of v_cond - v_uncond, measured at the start and logged")
     a("--velocity-norm", action=argparse.BooleanOptionalAction,
       help="velocity normalization, Alg. 1 l.6 (default on); --no-velocity-norm is plain CFG, Eq. (18), Table 3 i")
     a("--class-dropout", type=float, help="label dropout of the teacher, for its unconditional velocity (default 0.1)")
@@ -521,8 +623,9 @@ def parse_config(argv=None):
     a("--time-scale", type=float, help="time embedding scale: time_scale * t goes into the sinusoid (default 10; "
                                        "students inherit the teacher's)")
     a("--samplers", nargs="*", choices=list(SAMPLERS), help="extra samplers evaluated over --nfe (Table 4): "
-      "cm (Fig. 5b), mix (Fig. 5c), euler on F(x,t,t) (Fig. 5a); the main one picks per NFE")
-    a("--mix-split", type=int, help="deterministic flow-map steps of the Mix sampler before its CM steps (default 1)")
+      "cm (Fig. 5b), mix (Fig. 5c: Euler steps, then CM), mix-flowmap (flow-map steps, then CM), euler on "
+      "F(x,t,t) (Fig. 5a); the main one picks per NFE")
+    a("--mix-split", type=int, help="deterministic steps of the Mix sampler before its CM steps (default 1)")
     args = p.parse_args(argv)
     given = {k: v for k, v in vars(args).items() if v is not None}
     cfg = common.resolve_config(args, "decm", DEFAULTS, PRESETS)
@@ -536,7 +639,15 @@ def parse_config(argv=None):
         if cfg["w_cfg"] != 1.0 and cfg["role"] == "student" and not cfg["teacher"] and not cfg["teacher_steps"]:
             raise common.UserError("--w-cfg guides a teacher: give --teacher or --teacher-steps > 0 "
                                    "(from scratch, v_t = x - z has no guidance)")
-    checks = [(cfg["freq"] >= 1, f"--freq must be >= 1, got {cfg['freq']}"),
+    arctan = cfg["t_schedule"] == "arctan"                      # FACM's (-0.8, 1.6) where the schedule is FACM's
+    cfg["t_mean"] = (-0.8 if arctan else 0.0) if cfg["t_mean"] is None else cfg["t_mean"]
+    cfg["t_std"] = (1.6 if arctan else 1.0) if cfg["t_std"] is None else cfg["t_std"]
+    if cfg["eta"] != "auto":
+        try:
+            cfg["eta"] = float(cfg["eta"])
+        except ValueError:
+            raise common.UserError(f"--eta takes a number or auto, got {cfg['eta']!r}") from None
+    checks = [(cfg["eta"] == "auto" or cfg["eta"] > 0, f"--eta must be > 0, got {cfg['eta']}"),(cfg["freq"] >= 1, f"--freq must be >= 1, got {cfg['freq']}"),
               (0 <= cfg["r_max"] < 1, f"--r-max must lie in [0, 1), got {cfg['r_max']}"),
               (cfg["segments"] >= 1, f"--segments must be >= 1, got {cfg['segments']}"),
               (cfg["mix_split"] >= 1, f"--mix-split must be >= 1, got {cfg['mix_split']}"),

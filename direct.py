@@ -67,24 +67,37 @@ def propagate(w_prev, v, t, dt, param="tw"):
     return w_prev + dt * v
 
 
+@torch.no_grad()
+def propagation_target(w_net, v_net, x0, t, dt, y=None, param="tw", cfg_scale=1.0):
+    """The target of Eq. (16), Alg. 1 l.11-12: (t' - dt)/t' sg[w_nu(x0, t')] + dt/t' v_theta(x'_t, t') at
+    x'_t = x0 + t' sg[w_nu(x0, t')], with v_theta guided when cfg_scale != 1 (Table 5).
+
+    Its passes run in eval mode: v_theta is trained with label dropout (for CFG), and a target whose "guided"
+    velocity were unguided for a random tenth of the batch would be noise. They run in fp32 under --bf16
+    (common.full_precision): the target's new information is the step dt/t' (v - w), about 1% of w, the
+    size of bf16's rounding of w."""
+    with common.eval_mode(w_net, v_net), common.full_precision(x0):
+        w_prev = w_net(x0, t, y=y)                                            # sg[w_nu(x0, t')]
+        v = velocity(v_net, flow(w_prev, x0, t, param), t, y, cfg_scale)
+        return propagate(w_prev, v, t, dt, param)
+
+
 def propagation_loss(w_model, v_model, x0, t, dt, y=None, param="tw", stop_grad=True, cfg_scale=1.0):
     """Eq. (16), Alg. 1 l.10-12, for t' = t ~ U[dt, 1 - dt]:
         || w_nu(x0, t' + dt) - [(t' - dt)/t' sg[w_nu(x0, t')] + dt/t' v_theta(x'_t, t')] ||^2,
         x'_t = x0 + t' sg[w_nu(x0, t')].
     The loss trains nu only: v_theta is evaluated without gradient to theta (theta learns from Eq. 15
     alone). stop_grad=False is the Table 3 ablation: the gradient then also flows through w_nu(x0, t')
-    and through x'_t into v_theta's input (not into theta)."""
+    and through x'_t into v_theta's input (not into theta); v_theta still runs in eval mode and fp32."""
+    w_net, v_net = common.unwrap(w_model), common.unwrap(v_model)
     if stop_grad:
-        with torch.no_grad():
-            w_prev = common.unwrap(w_model)(x0, t, y=y)                       # sg[w_nu(x0, t')]
-            v = velocity(common.unwrap(v_model), flow(w_prev, x0, t, param), t, y, cfg_scale)
-            target = propagate(w_prev, v, t, dt, param)
+        target = propagation_target(w_net, v_net, x0, t, dt, y, param, cfg_scale)
         return mse(w_model(x0, t + dt, y=y), target)
     # both w evaluations in one call: DDP allows one forward per backward
     y2 = None if y is None else torch.cat([y, y])
     w_prev, w_next = w_model(torch.cat([x0, x0]), torch.cat([t, t + dt]), y=y2).chunk(2)
-    frozen_v = frozen(common.unwrap(v_model))
-    v = velocity(frozen_v, flow(w_prev, x0, t, param), t, y, cfg_scale)
+    with common.eval_mode(v_net), common.full_precision(x0):
+        v = velocity(frozen(v_net), flow(w_prev.float(), x0, t, param), t, y, cfg_scale)
     return mse(w_next, propagate(w_prev, v, t, dt, param))
 
 
@@ -101,7 +114,10 @@ def frozen(module):
 
 def direct_losses(v_model, w_model, x1, y, cfg):
     """One step of Algorithm 1: both losses on one batch (the networks are independent, so one
-    backward of their sum updates each with its own gradient)."""
+    backward of their sum updates each with its own gradient).
+
+    Precision under --bf16 (common.py, "Precision"): the two gradient passes (v_theta on Eq. 15, w_nu at
+    t' + dt) may run in bf16; the propagation target's passes run in fp32 (propagation_target)."""
     x0 = torch.randn_like(x1)                                              # l.3: (x0, x1) ~ (mu_0, mu_1)
     t = torch.rand(len(x1), device=x1.device)                              # l.5: t ~ U[0, 1]
     dt = cfg["dt"]
@@ -165,7 +181,7 @@ def build_models(cfg, data):
 
 def train(cfg):
     run = common.Run(cfg)
-    data = common.load_dataset(cfg["dataset"], cfg["data_path"])
+    data = common.load_dataset(cfg["dataset"], cfg["data_path"], cfg["vae"])
     v_net, w_net = (m.to(run.device) for m in build_models(cfg, data))
     v_model, w_model = run.wrap(v_net), run.wrap(w_net)
     ema_v, ema_w = common.make_ema(v_net, cfg), common.make_ema(w_net, cfg)
@@ -191,7 +207,7 @@ def train(cfg):
 def sample_only(cfg):
     """--sample-only: grids (and --fid, or the toy metric) from the EMA weights of --ckpt."""
     run = common.Run(cfg)
-    data = common.load_dataset(cfg["dataset"], cfg["data_path"])
+    data = common.load_dataset(cfg["dataset"], cfg["data_path"], cfg["vae"])
     ckpt = common.load_checkpoint(cfg["ckpt"], "direct")
     v_net, w_net = build_models(cfg, data)
     v_net.load_state_dict(ckpt["ema_v"])
@@ -216,6 +232,9 @@ PRESETS = {
     # 500k steps, AdamW 5e-5, EMA 0.999, DiT-B/2 (on 32x32 pixels instead of latents), x-flips.
     "cifar10": dict(model="DiT-B/2", batch_size=64, steps=500_000, lr=5e-5, ema_decay=0.999, xflip=True,
                     log_every=100, sample_every=10_000, ckpt_every=10_000),
+    # Digits (8x8, one channel): DiT-T/2 on a CPU, at most about five minutes on 2 cores; EMA half-life 5k images.
+    "digits": dict(model="DiT-T/2", batch_size=64, steps=1500, lr=1e-3, ema_halflife_kimg=5, log_every=100,
+                   ckpt_every=500, euler_steps=[1, 2, 4, 8, 100]),
     # 2D toy sets: an MLP, about a minute on a laptop CPU.
     "toy": dict(model="MLP", batch_size=256, steps=3000, lr=1e-3, ema_decay=0.995, log_every=200,
                 ckpt_every=1000),

@@ -191,27 +191,37 @@ def sample_times(n, cfg, device):
 # The method: the losses
 
 def flow_pair(f, f_minus, x_t, u, t, s, r):
-    """The two evaluations of Eq. (5): f(x_t, t, s) with gradient and f-(x_r, r, s) without, at the
-    Euler step x_r = x_t + (r - t) u_t. Both see one dropout mask (and label dropout): otherwise their
-    difference, divided by t - r ~ 0.005, would be mask noise. The no-gradient pass runs on the module
-    inside DDP, so exactly one forward per backward goes through DDP."""
+    """The evaluations of Eq. (5) at x_t and at the Euler step x_r = x_t + (r - t) u_t: returns
+    (F_t, F_t_minus, F_r, x_r) with F_t = f(x_t, t, s) carrying the gradient, F_t_minus its value without
+    gradient, and F_r = f-(x_r, r, s). All see one dropout mask (and label dropout): otherwise their
+    difference, divided by t - r ~ 0.005, would be mask noise. The no-gradient passes run on the module
+    inside DDP, so exactly one forward per backward goes through DDP.
+
+    Precision: F_t may run in bf16 (--bf16); F_r and F_t_minus are fp32, since the residual multiplies their
+    difference by (s - r)/(t - r), up to about 1000. Without autocast F_t_minus is F_t's own value; under it,
+    one more forward recomputes it in fp32."""
     x_r = x_t - common.bcast(t - r, x_t) * u
     same = common.SameRandomness(x_t.device)
-    with same, torch.no_grad():
+    bf16 = common.autocast_active(x_t)
+    with same, torch.no_grad(), common.full_precision(x_t):
         F_r = f_minus(x_r, r, s)                                              # f_theta-(x_r, r, s)
     with same:
         F_t = f(x_t, t, s)                                                    # f_theta(x_t, t, s)
-    return F_t, F_r, x_r
+    F_t_minus = wide(F_t.detach())
+    if bf16:
+        with same, torch.no_grad(), common.full_precision(x_t):
+            F_t_minus = f_minus(x_t, t, s)                                    # f_theta-(x_t, t, s) in fp32
+    return F_t, F_t_minus, F_r, x_r
 
 
-def consistency_residual(u, F_t, F_r, t, s, r):
+def consistency_residual(u, F_t, F_t_minus, F_r, t, s, r):
     """Eq. (39): E = u_t - f(x_t,t,s) + (s - r) (f-(x_t,t,s) - f-(x_r,r,s)) / (t - r).
 
     ||E|| has the gradient of Eq. (5), w/(t-s) ||g(x_t,t,s) - g-(x_r,r,s)||, per sample (App. D.1:
     g(x_t) - g-(x_r) = (t - r) E once (s - t) f is split as (r - t) f + (s - r) f-), but its value
     stays O(1) instead of O(h). At r = s the last term is zero (the target is x_r itself)."""
     k = torch.where((s < r) & (r < t), (s - r) / (t - r), 0.0)
-    return wide(u) - wide(F_t) + common.bcast(k, u) * (wide(F_t.detach()) - wide(F_r))
+    return wide(u) - wide(F_t) + common.bcast(k, u) * (wide(F_t_minus) - wide(F_r))
 
 
 def analytic_residual(f, f_minus, x_t, u, t, s):
@@ -227,40 +237,55 @@ def analytic_residual(f, f_minus, x_t, u, t, s):
     return wide(u) - wide(F_t) + common.bcast(s - t, u) * wide(dF_dt)
 
 
-def mmd_particles(x_t, x_r, F_t, F_r, t, s, r):
+def mmd_particles(x_t, x_r, F_t, F_t_minus, F_r, t, s, r):
     """The particles of Eq. (40), the form App. G.1 uses for the MMD loss:
         g_t = x_t + (r - t) f(x_t,t,s) + (s - r) f-(x_t,t,s)   (the value of g(x_t,t,s), gradient of (r - t) f),
         g_r = x_r + (s - r) f-(x_r,r,s)                        (g-(x_r,r,s), no gradient),
     so that g_t - g_r = (t - r) E of Eq. (39)."""
-    g_t = wide(x_t) + common.bcast(r - t, x_t) * wide(F_t) + common.bcast(s - r, x_t) * wide(F_t.detach())
+    g_t = wide(x_t) + common.bcast(r - t, x_t) * wide(F_t) + common.bcast(s - r, x_t) * wide(F_t_minus)
     g_r = wide(x_r) + common.bcast(s - r, x_r) * wide(F_r)
     return g_t, g_r
 
 
-def time_aware_mmd(g_t, g_r, t, r, s, lam, m, sigma):
-    """Eq. (46) per group of m consecutive samples, with the time-aware kernel of Eq. (44),
-        k((x1,t1,s1), (x2,t2,s2)) = -||x1 - x2||_2 exp(-(|t1 - t2| + |s1 - s2|) / sigma):
-        L_i = 1/m^2 sum_j lam_j sum_k [k(t_j, t_k) + k(r_j, r_k) - 2 k(t_j, r_k)]  (>= 0 is an MMD^2),
-    where t_j stands for (g_t^j, t^j, s^j) and r_k for (g_r^k, r^k, s^k). Eq. (46) prints the kernel's
-    times as (t^j, r^k) in all three terms and Eq. (45) flips the sign of the bracket; we use the times
-    of the two particles compared (Eq. 44), and the sign of Eqs. (43)/(46) that makes it an MMD^2.
-    lam_j = w(t^j, s^j)/(t^j - r^j) is Eq. (46)'s row weight with Eq. (40)'s 1/(t - r). sigma = inf
-    drops the time factor (IMM's shared-time comparison, Table 7i). Returns (G,)."""
+def time_aware_mmd(g_t, g_r, t, r, s, lam, m, sigma, time_factor="pair"):
+    """The time-aware MMD of Eq. (46) per group of m consecutive samples, with the kernel of Eq. (44),
+    k((x1,t1,s1), (x2,t2,s2)) = -||x1 - x2||_2 exp(-(|t1 - t2| + |s1 - s2|) / sigma):
+        L_i = 1/m^2 sum_j lam_j sum_k c_jk (2 ||g_t^j - g_r^k|| - ||g_t^j - g_t^k|| - ||g_r^j - g_r^k||),
+    g_t^j the particle g(x_t, t, s) of sample j and g_r^k = g-(x_r, r, s) of sample k (Eq. 40).
+
+    time_factor="pair" (default) is Eq. (46) as printed: one factor per pair (j, k),
+    c_jk = exp(-(|t^j - r^k| + |s^j - s^k|) / sigma), shared by the three terms. The bracket is then zero
+    for every pair once the particles agree (g_t^j = g_r^j), so the loss vanishes at the exact flow map,
+    for any times. "particle" applies Eq. (44) to each compared pair with the particles' own times,
+    (t^j, t^k), (r^j, r^k) and (t^j, r^k), as Eq. (45) reads: the three terms are then weighted
+    differently and the loss does not vanish at the exact map (about 1e-3 at r = t - h(t)).
+    Neither form is an MMD^2 in general (the rows are weighted by lam_j and c_jk is not symmetric): either
+    can be negative away from the solution. sigma = inf drops the time factor (IMM's shared-time
+    comparison, Table 7i). lam_j = w(t^j, s^j) / (t^j - r^j) is Eq. (46)'s row weight with Eq. (40)'s
+    1/(t - r). Returns (G,)."""
     G = len(g_t) // m
     g_t, g_r = g_t.reshape(G, m, -1), g_r.reshape(G, m, -1)                   # (G, m, D)
-    t, r, s, lam = (v.reshape(G, m) for v in (t, r, s, lam))                  # (G, m)
-    ds = (s[:, :, None] - s[:, None, :]).abs()                                # (G, m, m)
+    t, r, s, lam = (wide(v).reshape(G, m) for v in (t, r, s, lam))           # (G, m)
 
-    def kernel(a, ta, b, tb):                                                 # Eq. (44), (G, m, m)
-        dist = (a[:, :, None] - b[:, None, :]).norm(dim=-1)                   # (G, m, m)
-        return -dist * torch.exp(-((ta[:, :, None] - tb[:, None, :]).abs() + ds) / sigma)
-    rows = kernel(g_t, t, g_t, t) + kernel(g_r, r, g_r, r) - 2 * kernel(g_t, t, g_r, r)   # (G, m, m)
-    return (wide(lam)[:, :, None] * rows).sum((1, 2)) / m ** 2
+    def dist(a, b):
+        return (a[:, :, None] - b[:, None, :]).norm(dim=-1)                   # (G, m, m)
+
+    def factor(ta, tb):                                                       # Eq. (44)'s time factor
+        return torch.exp(-((ta[:, :, None] - tb[:, None, :]).abs() + (s[:, :, None] - s[:, None, :]).abs()) / sigma)
+    if time_factor == "pair":                                                 # Eq. (46)
+        rows = factor(t, r) * (2 * dist(g_t, g_r) - dist(g_t, g_t) - dist(g_r, g_r))
+    else:                                                                     # Eq. (44) per compared pair
+        rows = 2 * factor(t, r) * dist(g_t, g_r) - factor(t, t) * dist(g_t, g_t) - factor(r, r) * dist(g_r, g_r)
+    return (lam[:, :, None] * rows).sum((1, 2)) / m ** 2                      # (G,)
 
 
 def gcm_losses(model, x, y, cfg, eps):
     """The training loss of one batch (Table 1, Sections 3.1-3.5): draw z and (t, s), then the l2-norm
-    loss (Eq. 39; mmd_group = 1), the time-aware MMD (Eq. 46) or the analytic Eq. (6)."""
+    loss (Eq. 39; mmd_group = 1), the time-aware MMD (Eq. 46) or the analytic Eq. (6).
+
+    Precision under --bf16 (common.py, "Precision"): only the gradient pass f(x_t, t, s) may run in bf16.
+    The finite difference of Eq. (39) and the MMD particles are built from fp32 passes (flow_pair), and the
+    analytic JVP of Eq. (6) runs in fp32 (common.jvp)."""
     z = torch.randn_like(x)
     t, s, weight = sample_times(len(x), cfg, x.device)
     x_t, u = INTERP(x, z, t)                                                  # x_t = (1-t) x + t z, u_t = z - x
@@ -274,13 +299,13 @@ def gcm_losses(model, x, y, cfg, eps):
         norm = analytic_residual(f, f_minus, x_t, u, t, s).flatten(1).norm(dim=1)
         return {"loss": (weight * norm).mean(), "residual": norm.mean().detach()}
     r = discretize(t, s, eps, cfg)
-    F_t, F_r, x_r = flow_pair(f, f_minus, x_t, u, t, s, r)
+    F_t, F_t_minus, F_r, x_r = flow_pair(f, f_minus, x_t, u, t, s, r)
     if cfg["mmd_group"] == 1:
-        norm = consistency_residual(u, F_t, F_r, t, s, r).flatten(1).norm(dim=1)   # Eq. (39)
+        norm = consistency_residual(u, F_t, F_t_minus, F_r, t, s, r).flatten(1).norm(dim=1)   # Eq. (39)
         return {"loss": (weight * norm).mean(), "residual": norm.mean().detach()}
-    g_t, g_r = mmd_particles(x_t, x_r, F_t, F_r, t, s, r)
+    g_t, g_r = mmd_particles(x_t, x_r, F_t, F_t_minus, F_r, t, s, r)
     lam = torch.where(t > r, weight / (t - r), 0.0)
-    loss = time_aware_mmd(g_t, g_r, t, r, s, lam, cfg["mmd_group"], cfg["mmd_sigma"]).mean()
+    loss = time_aware_mmd(g_t, g_r, t, r, s, lam, cfg["mmd_group"], cfg["mmd_sigma"], cfg["mmd_time_factor"]).mean()
     return {"loss": loss, "residual": ((g_t - g_r).flatten(1).norm(dim=1) / (t - r).clamp_min(1e-12)).mean().detach()}
 
 
@@ -351,7 +376,7 @@ def check_groups(cfg, batch_per_rank):
 def train(cfg):
     run = common.Run(cfg)
     check_groups(cfg, run.batch_per_rank)
-    data = common.load_dataset(cfg["dataset"], cfg["data_path"])
+    data = common.load_dataset(cfg["dataset"], cfg["data_path"], cfg["vae"])
     net = build_model(cfg, data).to(run.device)
     model = run.wrap(net)
     ema = common.make_ema(net, cfg)
@@ -378,7 +403,7 @@ def train(cfg):
 def sample_only(cfg):
     """--sample-only: grids (and --fid, or the toy metric) from the EMA weights of --ckpt."""
     run = common.Run(cfg)
-    data = common.load_dataset(cfg["dataset"], cfg["data_path"])
+    data = common.load_dataset(cfg["dataset"], cfg["data_path"], cfg["vae"])
     net = build_model(cfg, data)
     net.load_state_dict(common.load_checkpoint(cfg["ckpt"], "gcm")["ema"])
     sample = samplers(net.to(run.device).eval(), cfg, data, run.device)
@@ -395,7 +420,8 @@ DEFAULTS = dict(
     curriculum_eps0=0.5, curriculum_every=50_000, time_precond="exp", time_scale=1.0, precond="unit",
     sigma_d=0.5, weight="gamma", gamma=1.0, lam=6.0, t_dist="sine", dist_a=None, dist_b=None, nu=4.0,
     p_diag=0.0, diag_mean=-0.4, diag_std=1.0, mmd_group=None, mmd_sigma=None, mmd_share_time=False,
-    jvp="fd", sampler=None, dropout=0.0, class_dropout=0.0, optimizer="radam", betas=[0.9, 0.999],
+    mmd_time_factor="pair", jvp="fd", sampler=None, dropout=0.0, class_dropout=0.0, optimizer="radam",
+    betas=[0.9, 0.999],
 )
 VARIANT_DEFAULTS = {"cu": dict(mmd_group=4, mmd_sigma=0.05, sampler="restart"),
                     "vu": dict(mmd_group=2, mmd_sigma=0.1, sampler="pushforward")}
@@ -416,6 +442,10 @@ PRESETS = {
                              lr=1e-4, optimizer="adam", betas=[0.9, 0.95], ema_decay=0.9999, bf16=True,
                              sigma_d=1.0, eps=0.02, nu=1.0, gamma=0.2, p_diag=0.75, mmd_group=1,
                              log_every=100, sample_every=10_000, ckpt_every=10_000),
+    # Digits (8x8, one channel, std about 0.75): DiT-T/2 on a CPU, at most about five minutes on 2 cores; Adam
+    # for the reason given for the toy sets, EMA half-life 5k images.
+    "digits": dict(model="DiT-T/2", batch_size=64, steps=1500, lr=1e-3, optimizer="adam", ema_halflife_kimg=5,
+                   sigma_d=0.75, log_every=100, ckpt_every=500),
     # 2D toy sets: the toy MLP, data of about unit variance, about a minute on a CPU. Adam, not RAdam:
     # RAdam's variance rectification acts like a warm-up of a few thousand steps at beta2 = 0.999.
     "toy": dict(model="MLP", batch_size=256, steps=3000, lr=1e-3, optimizer="adam", ema_decay=0.995,
@@ -455,6 +485,9 @@ def parse_config(argv=None):
     a("--diag-std", type=float, help="logit-normal std of t when s = t (App. G.2: 1.0)")
     a("--mmd-group", type=int, help="m, samples per MMD group, Eq. (46); 1 = the l2 loss, Eq. (39) (CU 4, VU 2)")
     a("--mmd-sigma", type=float, help="sigma of the time-aware kernel, Eq. (44) (CU 0.05, VU 0.1; inf = no time factor)")
+    a("--mmd-time-factor", choices=["pair", "particle"],
+      help="time factor of the MMD kernel: pair = Eq. (46) as printed, one factor per pair (default; zero at the "
+           "exact map); particle = Eq. (44) with each compared particle's own times")
     a("--mmd-share-time", action=argparse.BooleanOptionalAction,
       help="IMM's MMD: all samples of a group share (t, s) (Table 7i; use with --mmd-sigma inf)")
     a("--jvp", choices=["fd", "analytic"], help="fd = finite difference, Eq. (39); analytic = Eq. (6) by JVP (Table 7j)")
@@ -466,7 +499,7 @@ def parse_config(argv=None):
     args = p.parse_args(argv)
     variant = args.variant or ("vu" if args.imagenet_latents or args.dataset == "imagenet-latents" else "cu")
     presets = {"cifar10": PRESETS[f"cifar10-{variant}"], "imagenet-latents": PRESETS["imagenet-latents"],
-               "toy": PRESETS["toy"]}
+               "digits": PRESETS["digits"], "toy": PRESETS["toy"]}
     cfg = common.resolve_config(args, "gcm", DEFAULTS, presets)
     for k, v in VARIANT_DEFAULTS[cfg["variant"]].items():
         if cfg[k] is None:

@@ -62,13 +62,16 @@ def diffusion_loss(model, x0, z, t, sigma_d, y=None):
 @torch.no_grad()
 def teacher_velocity(teacher, x_t, t, sigma_d, y=None, scale=None):
     """PF-ODE Eq. (3): dx_t/dt = sigma_d F_pretrain(x_t / sigma_d, t). With a guidance scale per sample
-    (Section 5.2), classifier-free guidance F_u + scale (F_c - F_u), both branches in one batched call."""
+    (Section 5.2), classifier-free guidance F_u + scale (F_c - F_u), both branches in one batched call.
+    Always fp32: in sCD it enters the tangent as sigma_d F_minus - dx_t/dt, a difference of near-equal
+    velocities (zero when the student equals its teacher)."""
     u = x_t / sigma_d
-    if scale is None:
-        return sigma_d * teacher(u, t, y=y)
-    null = torch.full_like(y, teacher.null_label)
-    F_c, F_u = teacher(torch.cat([u, u]), torch.cat([t, t]), y=torch.cat([y, null])).chunk(2)   # (B, ...) each
-    return sigma_d * (F_u + common.bcast(scale, F_u) * (F_c - F_u))
+    with common.full_precision(x_t):
+        if scale is None:
+            return sigma_d * teacher(u, t, y=y)
+        null = torch.full_like(y, teacher.null_label)
+        F_c, F_u = teacher(torch.cat([u, u]), torch.cat([t, t]), y=torch.cat([y, null])).chunk(2)   # (B, ...) each
+        return sigma_d * (F_u + common.bcast(scale, F_u) * (F_c - F_u))
 
 
 def consistency_fn(net, x_t, t, sigma_d, y=None, scale=None):
@@ -186,7 +189,12 @@ def guided(cfg):
 
 def scm_losses(model, weight_model, x0, y, step, cfg, teacher=None):
     """One step of Algorithm 1 (sCT or sCD, continuous or discrete time). model is F_theta (DDP-wrapped in
-    multi-process runs), weight_model is w_phi, teacher is F_pretrain (sCD). Returns scalar tensors."""
+    multi-process runs), weight_model is w_phi, teacher is F_pretrain (sCD). Returns scalar tensors.
+
+    Precision under --bf16 (common.py, "Precision"): the gradient pass F_theta and w_phi may run in bf16;
+    the tangent g may not: the JVP runs in fp32 (common.jvp), and so do the teacher velocity (it is
+    subtracted from sigma_d F_minus) and, in discrete time, both F_minus evaluations of the finite
+    difference, which is divided by sin(t - t')."""
     sigma_d = cfg["sigma_d"]
     z = sigma_d * torch.randn_like(x0)                                     # l.2: z ~ N(0, sigma_d^2 I)
     if cfg["discrete_steps"]:
@@ -210,18 +218,22 @@ def scm_losses(model, weight_model, x0, y, step, cfg, teacher=None):
             _, g = tangent(lambda u, s: net(u, s, y=y, w=scale), x_t, t, dxdt, sigma_d, r)
     with same:
         F_theta = model(x_t / sigma_d, t, y=y, w=scale)                       # (B, ...) with gradient
-    # F_minus in Eq. (8)'s difference is F_theta's own value with the gradient stopped: equal to the JVP's
-    # primal output, but exactly so, whatever precision the two passes ran in; the gradient is then -g
-    # times e^{w_phi}/D, Eq. (2)'s direction.
-    F_minus = F_theta.detach().float()
     if cfg["discrete_steps"]:
         x_prev = ddim_step(x_t, t, t_prev, dxdt)
-        with same, torch.no_grad():
-            F_minus_prev = net(x_prev / sigma_d, t_prev, y=y, w=scale).float()
-        g = discrete_tangent(F_minus, F_minus_prev, x_t, t, t_prev, dxdt, sigma_d, r)
+        F_minus = F_theta.detach()
+        if common.autocast_active(x_t):                                # F_theta ran in bf16: F_minus in fp32
+            with same, torch.no_grad(), common.full_precision(x_t):
+                F_minus = net(x_t / sigma_d, t, y=y, w=scale)
+        with same, torch.no_grad(), common.full_precision(x_t):
+            F_minus_prev = net(x_prev / sigma_d, t_prev, y=y, w=scale)
+        g = discrete_tangent(F_minus.float(), F_minus_prev, x_t, t, t_prev, dxdt, sigma_d, r)
     g_rms = per_sample_norm(g) / math.sqrt(g[0].numel())
     g = normalize_tangent(g, cfg["tangent"], cfg["tangent_c"], cfg["tangent_norm"])   # l.7
-    err = (F_theta.float() - F_minus - g).pow(2).flatten(1).mean(1)         # ||.||^2 / D per sample, (B,)
+    # F_minus in Eq. (8)'s difference F_theta - F_minus is F_theta's own value with the gradient stopped:
+    # the difference is then exactly zero, whatever precision the pass ran in, and the gradient is -g times
+    # e^{w_phi}/D, Eq. (2)'s direction.
+    F_theta = F_theta.float()
+    err = (F_theta - F_theta.detach() - g).pow(2).flatten(1).mean(1)        # ||.||^2 / D per sample, (B,)
     w_phi = weight_model(t) if weight_model is not None else torch.zeros_like(err)    # w_phi = 0: Fig. 5b "w/o"
     loss = (torch.exp(w_phi) * err - w_phi).mean()                         # l.8, Eq. (8)
     return {"loss": loss, "mse": err.mean().detach(), "w_phi": w_phi.mean().detach(),
@@ -341,7 +353,7 @@ def init_from(net, icfg, state, cfg):
 
 
 def train(cfg):
-    data = common.load_dataset(cfg["dataset"], cfg["data_path"])
+    data = common.load_dataset(cfg["dataset"], cfg["data_path"], cfg["vae"])
     cfg["data_shape"] = list(data.shape)                       # saved with the run: --teacher/--init check it
     # read (and check) the pretrained checkpoints before anything is written
     pretrained = {role: load_pretrained(cfg[role], cfg, data, role) for role in ("teacher", "init") if cfg[role]}
@@ -394,7 +406,7 @@ def train(cfg):
 def sample_only(cfg):
     """--sample-only: grids (and --fid, or the toy metric) from the EMA weights of --ckpt."""
     run = common.Run(cfg)
-    data = common.load_dataset(cfg["dataset"], cfg["data_path"])
+    data = common.load_dataset(cfg["dataset"], cfg["data_path"], cfg["vae"])
     ckpt = common.load_checkpoint(cfg["ckpt"], "scm")
     net = build_net(cfg, data)
     net.load_state_dict(ckpt["ema"])
@@ -428,7 +440,15 @@ _LATENTS = dict(model="DiT-B/2", sigma_d=0.5, P_mean=-0.8, P_std=1.6, batch_size
 # and the proposal is CIFAR's shifted by ln 2 (the same distribution of sigma / sigma_d).
 _TOY = dict(model="MLP", sigma_d=1.0, P_mean=-1.0 + math.log(2), P_std=1.4, batch_size=256, steps=1500,
             ema_decay=0.995, warmup_iters=300, log_every=100, ckpt_every=500, nfe=[1, 2])
+# Digits (8x8, one channel; raw pixel RMS about 0.85, std 0.75 around the mean): DiT-T/2 on a CPU, each run in
+# at most about five minutes on 2 cores. sigma_d 0.75; the App. G optimisers at learning rates for a short
+# run; EMA half-life 5k images; tangent warmup over the first 300 of 1500 iterations (H/steps as the toy preset).
+_DIGITS = dict(model="DiT-T/2", sigma_d=0.75, P_mean=-1.0, P_std=1.4, batch_size=64, steps=1500, ema_halflife_kimg=5,
+               warmup_iters=300, log_every=100, ckpt_every=500, nfe=[1, 2, 4])
 PRESETS = {
+    "digits": {"diffusion": dict(_DIGITS, optimizer="adam", lr=2e-3, betas=[0.9, 0.999], nfe=[8, 100]),
+               "sct": dict(_DIGITS, lr=1e-3),
+               "scd": dict(_DIGITS, lr=5e-4)},
     "cifar10": {"diffusion": dict(_CIFAR10, optimizer="adam", lr=1e-3, betas=[0.9, 0.999], dropout=0.13,
                                   nfe=[32, 128]),
                 "sct": dict(_CIFAR10, lr=1e-4, dropout=0.2),

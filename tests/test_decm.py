@@ -2,6 +2,7 @@
 form that does not vanish), the JVP tangents against finite differences, guidance, the samplers on
 the exact map, a teacher-then-student toy run, one DiT step, bit-identical resume and DDP steps."""
 import json
+import math
 import subprocess
 import sys
 
@@ -232,18 +233,29 @@ def test_student_starts_as_the_teacher(teacher_ckpt, tmp_path):
 # Samplers on the exact flow map
 
 def test_samplers_on_the_exact_map():
-    """With the exact F, every CM/Mix sample is distributed as the data (re-noising lands on the
-    marginal p_t); Mix's deterministic part is the PF-ODE itself; Euler converges to it."""
+    """With the exact F, every CM and flow-map-first Mix sample is distributed as the data (re-noising
+    lands on the marginal p_t; the flow-map steps are the PF-ODE itself). The paper's Mix takes Euler steps
+    on F(x, t, t) first: exactly one Euler step of the exact velocity, then CM steps. Euler converges to
+    the PF-ODE at first order."""
     g = torch.Generator().manual_seed(0)
     z = torch.randn(20_000, 3, generator=g, dtype=torch.float64)
     for nfe in (1, 2, 4):
-        for name in ("cm", "mix"):
+        for name in ("cm", "mix-flowmap"):
             x = decm.SAMPLERS[name](exact_F, z, nfe, None, g)
             assert (x.mean(0) - MU).abs().max() < 0.02 and (x.std(0) - STD).abs().max() < 0.02, (name, nfe)
-    x = decm.sample_mix(exact_F, z[:64], 4, None, g, split=3)        # 3 exact jumps then one CM step
-    z75 = FLOW.flow_map(z[:64], torch.zeros(64), torch.full((64,), 0.75))
-    assert torch.allclose(x, FLOW.flow_map(z75, torch.full((64,), 0.75), torch.ones(64)), atol=1e-10)
-    assert torch.allclose(decm.sample_mix(exact_F, z[:64], 2, None, g), FLOW.flow_map(z[:64], 0 * z[:64, 0], 1 + 0 * z[:64, 0]))
+    zero, one = torch.zeros(64, dtype=torch.float64), torch.ones(64, dtype=torch.float64)
+    x = decm.sample_mix(exact_F, z[:64], 4, None, g, split=3, first="flowmap")   # 3 exact jumps, one CM step
+    z75 = FLOW.flow_map(z[:64], zero, 0.75 + zero)
+    assert torch.allclose(x, FLOW.flow_map(z75, 0.75 + zero, one), atol=1e-10)
+    assert torch.allclose(decm.SAMPLERS["mix-flowmap"](exact_F, z[:64], 2, None, g), FLOW.flow_map(z[:64], zero, one))
+    # the paper's Mix (Fig. 5c): Euler from 0 to 1/2 with F(x, 0, 0) = v(x, 0), then the CM map from 1/2
+    euler_half = z[:64] + 0.5 * FLOW.velocity(z[:64], zero)
+    assert torch.allclose(decm.sample_mix(exact_F, z[:64], 2, None, g), FLOW.flow_map(euler_half, 0.5 + zero, one))
+    x = decm.sample_mix(exact_F, z[:64], 4, None, g, split=3)
+    path = z[:64]
+    for i in range(3):
+        path = path + 0.25 * FLOW.velocity(path, i / 4 + zero)
+    assert torch.allclose(x, FLOW.flow_map(path, 0.75 + zero, one), atol=1e-10)
     exact = FLOW.flow_map(z[:2000], torch.zeros(2000), torch.ones(2000))
     err = [(decm.sample_euler(exact_F, z[:2000], n) - exact).abs().mean() for n in (32, 64)]
     assert err[1] < 0.02 and 1.8 < err[0] / err[1] < 2.2                      # first order
@@ -371,3 +383,82 @@ def test_script_entry_point():
     res = subprocess.run([sys.executable, "decm.py", "--dataset", "moons", "--freq", "0"], cwd=ROOT,
                          capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.strip().splitlines() == ["error: --freq must be >= 1, got 0"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Velocity normalisation with a calibrated eta (Alg. 1 l.6), and FACM's options
+
+def wake(module, std=0.02, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.dim() and not p.any():                       # the zero-initialised layers: labels matter
+                p.copy_(std * torch.randn(p.shape, generator=g))
+    return module
+
+
+def test_calibrated_eta_gives_normalised_guidance_the_size_of_plain_cfg():
+    """With eta = the teacher's mean RMS of v_cond - v_uncond (measured on training data at training
+    times), the normalised guidance term (w - 1) eta d / RMS(d) has on average the RMS of plain CFG's
+    (w - 1) d, on fresh batches; with eta = 1 it would be w - 1 per element whatever d is. The measurement
+    leaves the global RNG where it was."""
+    torch.manual_seed(0)
+    teacher = wake(dit.build_model("DiT-T/2", (1, 8, 8), num_classes=10, time_scale=10.0)).eval()
+    data = common.Digits("train")
+    cfg = {**decm.DEFAULTS, **decm.ROLE_DEFAULTS["student"], "t_mean": 0.0, "t_std": 1.0}
+    state = torch.get_rng_state()
+    eta = decm.calibrate_eta(teacher, data, cfg, torch.device("cpu"), batches=4)
+    assert torch.equal(torch.get_rng_state(), state)
+    g = torch.Generator().manual_seed(5)
+    x, y = data.get(torch.randint(0, len(data), (256,), generator=g))
+    z = torch.randn(x.shape, generator=g)
+    t = decm.time_schedule(cfg).sample(256)
+    z_t = decm.INTERP(x, z, t)[0]
+    with torch.no_grad():
+        v_cond = teacher(z_t, t, y=y)
+        terms = {norm: decm.guided_velocity(teacher, z_t, t, y, 2.0, eta, norm) - v_cond for norm in (False, True)}
+        unit = decm.guided_velocity(teacher, z_t, t, y, 2.0, 1.0, True) - v_cond
+    rms = {k: v.flatten(1).pow(2).mean(1).sqrt().mean() for k, v in terms.items()}
+    print(f"eta {eta:.4f}; guidance term RMS: plain {rms[False]:.4f}, normalised {rms[True]:.4f}, eta=1 "
+          f"{unit.pow(2).mean().sqrt():.4f}")
+    assert 0.9 < rms[True] / rms[False] < 1.1
+    assert unit.pow(2).mean().sqrt() > 10 * rms[False]         # the uncalibrated eta = 1 is far off
+
+
+def test_calibrated_eta_is_logged_and_resumed(tmp_path):
+    """eta "auto" is measured at the start, logged, kept in the checkpoint, and a guided student resumed
+    half-way ends bit-identical to one trained in one go."""
+    teacher = tmp_path / "t"
+    decm.main(["--dataset", "moons", "--losses", "fm", "--class-cond", "--steps", "20", "--out", str(teacher),
+               "--log-every", "10", "--eval-samples", "64"])
+    common_args = ["--dataset", "moons", "--teacher", str(teacher / "ckpt.pt"), "--w-cfg", "1.5", "--log-every", "5",
+                   "--ckpt-every", "5", "--eval-samples", "64"]
+    decm.main(common_args + ["--steps", "10", "--out", str(tmp_path / "one")])
+    decm.main(common_args + ["--steps", "5", "--out", str(tmp_path / "two")])
+    decm.main(common_args + ["--steps", "10", "--out", str(tmp_path / "two"), "--resume"])
+    one, two = load_state(tmp_path / "one" / "ckpt.pt"), load_state(tmp_path / "two" / "ckpt.pt")
+    eta = one["guidance"]["eta"]
+    logged = [json.loads(line)["eta"] for line in open(tmp_path / "one" / "log.jsonl")]
+    assert isinstance(eta, float) and eta > 0 and logged == pytest.approx([eta, eta], rel=1e-6)
+    assert_states_equal({k: v for k, v in one.items() if k != "cfg"}, {k: v for k, v in two.items() if k != "cfg"})
+
+
+def test_facm_options():
+    """FACM's w_1 = 1 - sqrt(t), its clip of g_cm to [-1, 1] in the CM target and its cos(pi t / 2) CM
+    weight (all off by default), and the arctan-norm defaults (-0.8, 1.6) it uses."""
+    t = torch.tensor([0.0, 0.25, 1.0])
+    assert torch.allclose(decm.weight("1-sqrt(t)", t), torch.tensor([1.0, 0.5, 0.0]))
+    F_minus, g = torch.zeros(3, 2), torch.tensor([[3.0, -0.5], [-2.0, 0.2], [0.5, 4.0]])
+    cfg = {"w1": "1", "clip_g": False}
+    assert torch.equal(decm.cm_target(F_minus, g, t, cfg), -g)
+    clipped = decm.cm_target(F_minus, g, t, {**cfg, "clip_g": True})
+    assert torch.equal(clipped, -g.clamp(-1, 1))
+    default = decm.parse_config(["--dataset", "moons", "--teacher-steps", "0"])
+    assert not default["clip_g"] and default["cm_weight"] == "1" and default["w1"] == "1"
+    arctan = decm.parse_config(["--dataset", "moons", "--teacher-steps", "0", "--t-schedule", "arctan"])
+    assert (arctan["t_mean"], arctan["t_std"]) == (-0.8, 1.6)
+    sampler = decm.time_schedule(arctan)
+    draws = sampler.sample(20_000)
+    assert scipy.stats.kstest(draws.numpy(), lambda v: sampler.cdf(torch.as_tensor(v)).numpy()).pvalue > 1e-3
+    tau = torch.log(torch.tan(math.pi / 2 * (1 - draws.double())))         # back to the normal: N(-0.8, 1.6^2)
+    assert abs(tau.mean() + 0.8) < 0.05 and abs(tau.std() - 1.6) < 0.05

@@ -45,8 +45,8 @@ def test_finite_difference_residual_is_first_order(vu):
     for eps in (0.02, 0.01):
         r = gcm.discretize(t, s, eps, cfg)
         assert torch.allclose(t - r, eps * torch.exp(-3.5 * t))
-        F_t, F_r, x_r = gcm.flow_pair(exact_f, exact_f, x_t, v, t, s, r)
-        res.append(gcm.consistency_residual(v, F_t, F_r, t, s, r).norm(dim=1).max())
+        F_t, F_t_minus, F_r, x_r = gcm.flow_pair(exact_f, exact_f, x_t, v, t, s, r)
+        res.append(gcm.consistency_residual(v, F_t, F_t_minus, F_r, t, s, r).norm(dim=1).max())
     print(f"Eq. (39) residual at eps 0.02 / 0.01: {res[0]:.2e} / {res[1]:.2e}")
     assert 1.9 < res[0] / res[1] < 2.1
 
@@ -89,8 +89,8 @@ def test_eq39_has_the_gradient_of_eq5():
 
     def f(x, tt, ss):
         return gcm.f_theta(net, x, tt, ss, cfg)
-    F_t, F_r, x_r = gcm.flow_pair(f, f, x_t, u, t, s, r)
-    loss39 = (w * gcm.consistency_residual(u, F_t, F_r, t, s, r).norm(dim=1)).mean()
+    F_t, F_t_minus, F_r, x_r = gcm.flow_pair(f, f, x_t, u, t, s, r)
+    loss39 = (w * gcm.consistency_residual(u, F_t, F_t_minus, F_r, t, s, r).norm(dim=1)).mean()
     grad39 = torch.autograd.grad(loss39, list(net.parameters()), retain_graph=True)
     g_t = x_t + common.bcast(s - t, x_t) * F_t                                   # g_theta(x_t, t, s), Eq. (3)
     g_r = (x_r + common.bcast(s - r, x_r) * F_r).detach()                        # g_theta-(x_r, r, s)
@@ -120,7 +120,7 @@ def test_network_jvp_matches_finite_differences_under_dropout():
     for eps in (2e-3, 1e-3):
         r = gcm.discretize(t, s, eps, cfg)
         torch.manual_seed(7)
-        E39 = gcm.consistency_residual(u, *gcm.flow_pair(f, f, x_t, u, t, s, r)[:2], t, s, r)
+        E39 = gcm.consistency_residual(u, *gcm.flow_pair(f, f, x_t, u, t, s, r)[:3], t, s, r)
         gaps.append((E39 - E6).abs().max())
     assert gaps[1] < 0.02 and 1.8 < gaps[0] / gaps[1] < 2.2
 
@@ -252,10 +252,32 @@ def test_mmd_is_zero_for_identical_sets_and_positive_otherwise():
     x_t, u, tt, ss = x.float(), torch.randn(G * m, D, generator=g), t.float(), s.float()
     rr = tt - 0.01
     x_r = x_t - 0.01 * u
-    g_t, g_r = gcm.mmd_particles(x_t, x_r, F_t, F_r, tt, ss, rr)
+    g_t, g_r = gcm.mmd_particles(x_t, x_r, F_t, F_t, F_r, tt, ss, rr)
     assert torch.allclose(g_t, x_t + (ss - tt)[:, None] * F_t, atol=1e-6)
-    E = gcm.consistency_residual(u, F_t, F_r, tt, ss, rr)
+    E = gcm.consistency_residual(u, F_t, F_t, F_r, tt, ss, rr)
     assert torch.allclose(g_t - g_r, (tt - rr)[:, None] * E, atol=1e-5)
+
+
+@pytest.mark.parametrize("sigma", [0.05, 0.1])
+def test_mmd_at_exact_particles_with_r_below_t(sigma):
+    """At the exact flow map g(x_t, t, s) = g(x_r, r, s): the particles agree, g_t^j = g_r^j, while
+    r = t - h(t) != t. Eq. (46) as printed (one time factor per pair) is then zero for every group; the
+    per-particle-time form (Eq. 44 on each compared pair) is not, and can have either sign."""
+    g = torch.Generator().manual_seed(1)
+    G, m, D = 64, 4, 16
+    particles = torch.randn(G * m, D, generator=g, dtype=torch.float64)
+    t = 0.1 + 0.8 * torch.rand(G * m, generator=g, dtype=torch.float64)
+    r = t - gcm.STEP_SIZES["exp"](t, 0.005, 3.5)
+    s = T0 + (t - T0) * 0.5 * torch.rand(G * m, generator=g, dtype=torch.float64)     # VU: s varies too
+    lam = 0.5 + torch.rand(G * m, generator=g, dtype=torch.float64)
+    pair = gcm.time_aware_mmd(particles, particles.clone(), t, r, s, lam, m, sigma)
+    per_particle = gcm.time_aware_mmd(particles, particles.clone(), t, r, s, lam, m, sigma, "particle")
+    print(f"sigma {sigma}: Eq. (46) {pair.abs().max():.1e}, per-particle times {per_particle.abs().max():.1e}")
+    assert pair.abs().max() < 1e-12
+    assert per_particle.abs().max() > 1e-4
+    # away from the solution the printed form is a loss again: particles of another sample score higher
+    other = gcm.time_aware_mmd(particles, particles + 0.2, t, r, s, lam, m, sigma)
+    assert other.mean() > 0.01
 
 
 def test_sampling_time_lists():

@@ -1,0 +1,127 @@
+"""Closed-form networks for the precision tests: for Gaussian data N(MU, STD^2 I) every method's exact
+network output is an affine function of x per coordinate (common.GaussianFlow). `AffineOracle` wraps such
+a function as an nn.Module that computes it through a matrix product, `x @ I`, which autocast runs in
+bf16 like every linear layer of a real network. A target computed under --bf16 from these modules
+therefore carries bf16 errors (about 4e-3 relative) unless the code runs that pass in fp32; the JVPs go
+through them as through any module (the coefficients depend on t and s)."""
+import math
+
+import torch
+import torch.nn as nn
+
+import common
+
+MU_IMG = 0.3 * torch.linspace(-1, 1, 64, dtype=torch.float64).reshape(1, 8, 8)   # per-pixel means, (C, H, W)
+STD_IMG = 0.5
+
+
+class AffineOracle(nn.Module):
+    """out = A(t, s) * (x @ I) + B(t, s), where fn(x, t, s) (elementwise, float64) is affine in x:
+    B = fn(0), A = fn(1) - fn(0). `null_label` lets the methods' CFG code call it with labels, which it
+    ignores (the conditional and unconditional velocities are then equal)."""
+
+    def __init__(self, fn, width, num_classes=10):
+        super().__init__()
+        self.fn = fn
+        self.register_buffer("eye", torch.eye(width, dtype=torch.float32))
+        self.num_classes = num_classes
+
+    @property
+    def null_label(self):
+        return self.num_classes
+
+    def forward(self, x, t, s=None, y=None, w=None):
+        like = torch.zeros_like(x, dtype=torch.float64)
+        B = self.fn(like, t, s)
+        A = self.fn(like + 1, t, s) - B
+        lin = x @ self.eye.to(x.dtype)                       # (..., W): bf16 under autocast, like a linear layer
+        return (A * lin.double() + B).to(lin.dtype)
+
+
+def decm_flow():
+    return common.GaussianFlow(common.NoiseAt0(), MU_IMG, STD_IMG)
+
+
+def gcm_flow():
+    return common.GaussianFlow(common.NoiseAt1(), MU_IMG, STD_IMG)
+
+
+def trig_flow(sigma_d):
+    return common.GaussianFlow(common.TrigFlow(sigma_d), MU_IMG, STD_IMG)
+
+
+def average_velocity(flow):
+    """(flow_map(x, t, s) - x) / (s - t), the exact F of a flow-map network (DE-CM, GCM's f); the
+    velocity itself where s = t."""
+    def fn(x, t, s):
+        gap = common.bcast(s.double() - t.double(), x)
+        safe = torch.where(gap == 0, torch.ones_like(gap), gap)
+        avg = (flow.flow_map(x, t.double(), s.double()) - x) / safe
+        return torch.where(gap == 0, flow.velocity(x, t.double()), avg)
+    return fn
+
+
+def velocity(flow):
+    return lambda x, t, s=None: flow.velocity(x, t.double())
+
+
+def trig_consistency_F(flow, sigma_d):
+    """sCM's F(u, t) with f(x_t, t) = cos t x_t - sin t sigma_d F(x_t / sigma_d, t) = flow_map(x_t, t, 0)."""
+    def fn(u, t, s=None):
+        t = t.double()
+        x = sigma_d * u
+        cos, sin = common.bcast(torch.cos(t), u), common.bcast(torch.sin(t), u)
+        return (cos * x - flow.flow_map(x, t, torch.zeros_like(t))) / (sigma_d * sin)
+    return fn
+
+
+def trig_teacher_F(flow, sigma_d):
+    """sCM's teacher: sigma_d F_pretrain(x_t / sigma_d, t) = the exact PF-ODE velocity."""
+    return lambda u, t, s=None: flow.velocity(sigma_d * u, t.double()) / sigma_d
+
+
+def direct_w(flow):
+    """Direct's exact residual field: w(x0, t) = (phi(x0, t) - x0) / t, phi the flow map from noise."""
+    def fn(x0, t, s=None):
+        t = t.double()
+        return (flow.flow_map(x0, torch.zeros_like(t), t) - x0) / common.bcast(t, x0)
+    return fn
+
+
+def gcm_net(flow, cfg):
+    """The raw network F(c_in x, c(t), c(s)) whose f_theta (gcm.py) is the exact average velocity: the
+    preconditioning is undone (t recovered from c(t))."""
+    import gcm
+    fn_f = average_velocity(flow)
+
+    def c_inverse(c):
+        return torch.log1p(cfg["mu"] * c) / cfg["mu"] if cfg["time_precond"] == "exp" else c
+
+    def fn(u, ct, cs=None):
+        t = c_inverse(ct.double())
+        s = c_inverse(cs.double()) if cs is not None else torch.full_like(t, cfg["t0"])
+        c_in, c_out = (common.bcast(c, u) for c in gcm.precond(cfg["precond"], t, cfg["sigma_d"]))
+        return fn_f(u / c_in, t, s) / c_out
+    return fn
+
+
+def rel(a, b):
+    """||a - b|| / ||b|| over the whole batch."""
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
+
+
+def bf16():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def images(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (MU_IMG + STD_IMG * torch.randn(n, 1, 8, 8, generator=g, dtype=torch.float64)).float()
+
+
+def noise(n, seed=1):
+    return torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def pi_half():
+    return math.pi / 2
