@@ -6,6 +6,8 @@ A method's own idea never lives here: only pieces at least two methods use as th
 
 Command line (besides being imported by the method scripts):
     python common.py fid-ref --dataset cifar10 [--data-path ./data]      # cache CIFAR-10 train stats
+    python common.py fid-ref IMAGES.npz|DIR --out STATS.npz             # statistics of any image set
+    python common.py fid IMAGES.npz|DIR --ref STATS.npz                 # FID of exported samples
     python common.py encode-latents --images DIR --out DIR [--vae NAME]  # ImageFolder -> latent shards
 """
 import argparse
@@ -16,7 +18,10 @@ import json
 import math
 import os
 import pickle
+import re
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -28,7 +33,8 @@ import torch.nn.functional as F
 
 
 # ==============================================================================================
-# Errors: bad input is one line on stderr and exit code 2, never a traceback
+# Errors: bad input is one line on stderr and exit code 2, never a traceback (see "The run" for the
+# whole contract and `cli`)
 
 class UserError(Exception):
     """Something the user gave us is wrong (a path, a flag, a checkpoint): reported in one line."""
@@ -36,16 +42,6 @@ class UserError(Exception):
 
 class RunError(Exception):
     """The run itself cannot go on (e.g. too many non-finite steps): reported in one line, exit 1."""
-
-
-def cli(main, argv=None):
-    """Run main(argv), turning UserError/RunError into one line on stderr and an exit code."""
-    try:
-        return main(argv)
-    except (UserError, RunError) as e:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2 if isinstance(e, UserError) else 1)
 
 
 # ==============================================================================================
@@ -541,6 +537,44 @@ class ToyData:
         return x, cell
 
 
+class _CIFARUnpickler(pickle.Unpickler):
+    """The CIFAR-10 batches are Python pickles, and a pickle can name any function to call while it loads.
+    This unpickler resolves only the names the release's files use to rebuild their numpy arrays; any
+    other global (os.system, builtins.eval, ...) is refused before it can run."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"),
+               ("_codecs", "encode")}                   # bytes in a protocol-2 pickle written by Python 3
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR-10 batch")
+
+
+def read_cifar_batch(path):
+    """One CIFAR-10 batch file -> (uint8 [n, 3072], int64 [n] labels in 0..9), read with _CIFARUnpickler and
+    checked; anything else is one UserError naming the file."""
+    if not os.path.isfile(path):
+        raise UserError(f"CIFAR-10 file missing: {path}")
+    try:
+        with open(path, "rb") as f:
+            batch = _CIFARUnpickler(f, encoding="bytes").load()
+    except Exception as e:
+        raise UserError(f"{path} is not a CIFAR-10 batch ({type(e).__name__}: {str(e)[:80]})") from None
+    data = batch.get(b"data") if isinstance(batch, dict) else None
+    labels = batch.get(b"labels") if isinstance(batch, dict) else None
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
+        raise UserError(f"{path}: b'data' must be a uint8 array of shape [n, 3072], got "
+                        f"{getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}")
+    try:
+        labels = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError):
+        labels = None
+    if labels is None or labels.shape != (len(data),) or labels.min(initial=0) < 0 or labels.max(initial=0) > 9:
+        raise UserError(f"{path}: b'labels' must be {len(data)} integers in 0..9")
+    return data, labels
+
+
 class CIFAR10:
     """CIFAR-10 training images as uint8 [50000, 3, 32, 32] in memory; get() returns x in [-1, 1]."""
     kind = "image"
@@ -559,15 +593,11 @@ class CIFAR10:
         names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
         images, labels = [], []
         for name in names:
-            path = os.path.join(folder, name)
-            if not os.path.isfile(path):
-                raise UserError(f"CIFAR-10 file missing: {path}")
-            with open(path, "rb") as f:                            # the python-pickle format of the release
-                batch = pickle.load(f, encoding="bytes")
-            images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            labels.extend(batch[b"labels"])
+            data, lab = read_cifar_batch(os.path.join(folder, name))
+            images.append(data.reshape(-1, 3, 32, 32))                # (n, 3072) R, G, B planes -> (n, 3, 32, 32)
+            labels.append(lab)
         self.images = torch.from_numpy(np.concatenate(images))     # (N, 3, 32, 32) uint8
-        self.labels = torch.tensor(labels, dtype=torch.int64)
+        self.labels = torch.from_numpy(np.concatenate(labels))
 
     def __len__(self):
         return len(self.labels)
@@ -633,31 +663,67 @@ class ImageNetLatents:
         if not os.path.isfile(meta_path):
             raise UserError(f"no latent shards in {root} (meta.json missing); make them with "
                             f"`python common.py encode-latents --images IMAGENET_TRAIN --out {root}`")
-        with open(meta_path) as f:
-            self.meta = json.load(f)
-        if self.meta.get("format") != LATENT_FORMAT:
-            raise UserError(f"{meta_path} is not a {LATENT_FORMAT} latent index")
+        self.meta = self._read_meta(meta_path)
         if vae:
             self.meta["vae"] = vae
         self.shape, self.num_classes = tuple(self.meta["shape"]), int(self.meta["num_classes"])
         self.latents, self.labels = [], []
         for shard in self.meta["shards"]:
             path = os.path.join(root, shard["file"])
-            if not os.path.isfile(path):
-                raise UserError(f"latent shard missing: {path}")
-            blob = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-            lat, lab = blob["latents"], blob["labels"]
+            lat, lab = self._read_shard(path)
             if tuple(lat.shape[1:]) != self.shape or lat.shape[0] != shard["count"] or lab.shape != (shard["count"],):
                 raise UserError(f"{path}: latents {tuple(lat.shape)} / labels {tuple(lab.shape)} do not match "
                                 f"meta.json (shape {list(self.shape)}, count {shard['count']})")
+            if len(lab) and (int(lab.min()) < 0 or int(lab.max()) >= self.num_classes):
+                raise UserError(f"{path}: labels must lie in 0..{self.num_classes - 1} (meta.json num_classes), got "
+                                f"{int(lab.min())}..{int(lab.max())}")
             self.latents.append(lat)
             self.labels.append(lab)
+        self.files = [os.path.join(root, s["file"]) for s in self.meta["shards"]]
         self.offsets = np.cumsum([0] + [len(l) for l in self.labels])
+
+    @staticmethod
+    def _read_meta(path):
+        try:
+            with open(path) as f:
+                meta = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path} is not JSON ({e})") from None
+        if not isinstance(meta, dict) or meta.get("format") != LATENT_FORMAT:
+            raise UserError(f"{path} is not a {LATENT_FORMAT} latent index")
+        missing = [k for k in ("shape", "num_classes", "shards", "vae", "scale_factor") if k not in meta]
+        if missing:
+            raise UserError(f"{path} lacks {', '.join(missing)}")
+        shards = meta["shards"]
+        if not (isinstance(shards, list) and all(isinstance(s, dict) and isinstance(s.get("file"), str)
+                                                 and isinstance(s.get("count"), int) for s in shards)):
+            raise UserError(f"{path}: shards must be a list of {{\"file\": name, \"count\": n}}")
+        if not (isinstance(meta["shape"], list) and len(meta["shape"]) == 3 and all(isinstance(v, int) and v > 0
+                                                                                  for v in meta["shape"])):
+            raise UserError(f"{path}: shape must be [C, H, W], got {meta['shape']!r}")
+        return meta
+
+    @staticmethod
+    def _read_shard(path):
+        """A shard with weights_only=True (a data file never runs code): a dict with latents and labels."""
+        if not os.path.isfile(path):
+            raise UserError(f"latent shard missing: {path}")
+        try:
+            blob = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as e:
+            raise UserError(f"{path} is not a latent shard ({type(e).__name__}: {str(e).splitlines()[0][:80]})") from None
+        lat, lab = (blob.get(k) if isinstance(blob, dict) else None for k in ("latents", "labels"))
+        if not (torch.is_tensor(lat) and lat.is_floating_point() and lat.dim() == 4
+                and torch.is_tensor(lab) and lab.dtype == torch.int64 and lab.dim() == 1):
+            raise UserError(f"{path} is not a dict with latents (float [n, C, H, W]) and labels (int64 [n])")
+        return lat, lab
 
     def __len__(self):
         return int(self.offsets[-1])
 
     def get(self, idx):
+        """Latents and labels at the indices (float32, int64). Every batch is checked for NaN/inf, which a
+        corrupt shard would otherwise feed into the weights."""
         idx = torch.as_tensor(idx)
         shard = np.searchsorted(self.offsets, idx.numpy(), side="right") - 1
         x = torch.empty(len(idx), *self.shape)
@@ -667,6 +733,9 @@ class ImageNetLatents:
             local = idx[sel] - int(self.offsets[k])
             x[sel] = self.latents[k][local].float()
             y[sel] = self.labels[k][local]
+            if not torch.isfinite(x[sel]).all():
+                bad = int(local[~torch.isfinite(x[sel]).flatten(1).all(1)][0])
+                raise UserError(f"{self.files[k]}: latent {bad} holds NaN or inf")
         return x, y
 
     def to_pixels(self, z):
@@ -921,25 +990,43 @@ class FIDInception(nn.Module):
         return F.adaptive_avg_pool2d(x, 1).flatten(1)              # (N, 2048)
 
 
+FID_WEIGHTS_SHA256_PREFIX = "6726825d"      # the hash prefix in the published file name (torch.hub's convention)
+
+
+def _sha256(path):
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def load_fid_inception(weights=None, device="cpu"):
     """The FID network with the standard weights: `weights` path, else the torch hub cache, else a
-    download; offline without them -> UserError naming the URL and where to put the file."""
+    download; offline without them -> UserError naming the URL and where to put the file. A downloaded or
+    cached file must have the published hash (torch.hub checks the download, we check the cache); every
+    file is read with weights_only=True (plain tensors, no code)."""
     net = FIDInception()
     fname = os.path.basename(FID_WEIGHTS_URL)
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", fname)
     path = weights or (cached if os.path.isfile(cached) else None)
     if weights and not os.path.isfile(weights):
         raise UserError(f"FID weights not found: {weights}")
+    if path == cached and not _sha256(cached).startswith(FID_WEIGHTS_SHA256_PREFIX):
+        raise UserError(f"{cached} does not have the published hash {FID_WEIGHTS_SHA256_PREFIX}...: a damaged or "
+                        f"foreign file; delete it (it is downloaded again when online) or pass --fid-weights PATH")
     try:
         if path:
             state = torch.load(path, map_location="cpu", weights_only=True)
         else:
-            state = torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, progress=False, map_location="cpu")
-    except UserError:
-        raise
+            state = torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, progress=False, map_location="cpu",
+                                                       check_hash=True, weights_only=True)
     except Exception as e:
-        raise UserError(f"could not get the FID Inception weights ({type(e).__name__}); download {FID_WEIGHTS_URL} "
-                        f"to {cached} or pass --fid-weights PATH") from None
+        raise UserError(f"could not get the FID Inception weights ({type(e).__name__}: {str(e).splitlines()[0][:80]}); "
+                        f"download {FID_WEIGHTS_URL} to {cached} or pass --fid-weights PATH") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path or fname} is not a state dict")
     try:
         net.load_state_dict(state)
     except RuntimeError as e:
@@ -961,6 +1048,33 @@ def to_uint8(x):
 def from_uint8(arr):
     """uint8 [N, H, W, C] -> float [N, C, H, W] in [-1, 1] (the inverse of to_uint8 on its levels)."""
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def save_pngs(images, folder):
+    """uint8 [N, H, W, C] -> folder/000000.png, 000001.png, ... (the layout FID tools read)."""
+    from PIL import Image
+    os.makedirs(folder, exist_ok=True)
+    for i, im in enumerate(images):
+        Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).save(os.path.join(folder, f"{i:06d}.png"))
+
+
+def remove_temporaries(folder):
+    """Delete the temporary files (of checkpoints, npz files, log.jsonl) that a killed process left in
+    `folder`; those of a process still running are kept."""
+    for name in os.listdir(folder):
+        m = re.search(r"\.tmp(\d+)(\.npz)?$", name)
+        if not m:
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)                          # that process is alive: not ours to clean
+            if int(m.group(1)) != os.getpid():
+                continue
+        except (OSError, ValueError):
+            pass
+        try:
+            os.remove(os.path.join(folder, name))
+        except OSError:
+            pass
 
 
 def save_npz(path, images, labels=None):
@@ -1034,12 +1148,10 @@ def fid_reference(dataset, data_path=None, ref=None, weights=None, batch_size=25
     if ref:
         if not os.path.isfile(ref):
             raise UserError(f"FID reference statistics not found: {ref}")
-        with np.load(ref) as f:
-            return f["mu"], f["sigma"]
+        return read_stats(ref)
     path = reference_stats_path(dataset, data_path)
     if os.path.isfile(path):
-        with np.load(path) as f:
-            return f["mu"], f["sigma"]
+        return read_stats(path)
     if dataset != "cifar10":
         raise UserError(f"no FID reference statistics for {dataset}: pass --fid-ref STATS.npz (keys mu, sigma)")
     dist_info = dist_info or Dist(device=torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
@@ -1316,14 +1428,56 @@ class JSONLLogger:
 
 # ==============================================================================================
 # The run: CLI, config, and the bookkeeping every training loop shares
+#
+# The contract of every method script (README "When things go wrong"):
+#   - bad input (a flag, a path, a data file, a checkpoint) is one line on stderr and exit code 2, before
+#     anything is written: a failed start leaves no run folder behind;
+#   - a run that cannot go on (a streak of non-finite updates) stops with one line and exit code 1,
+#     naming the last good checkpoint; no checkpoint is written over a good one while updates are skipped;
+#   - SIGTERM, SIGUSR1 (what schedulers send before a kill) and SIGINT (Ctrl-C) finish the current step,
+#     write OUT/ckpt.pt, print one line naming it and the step, and exit with 128 + the signal's number
+#     (SIGINT 130, SIGUSR1 138, SIGTERM 143); a second signal acts at once. Under torchrun every rank stops
+#     after the same step. `--resume` then continues exactly where the run stopped.
+
+EXIT_USER_ERROR, EXIT_RUN_ERROR = 2, 1
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 
 COMMON_DEFAULTS = dict(
-    dataset=None, data_path=None, out=None, steps=2000, batch_size=256, lr=1e-3, model="MLP", seed=0,
-    resume=False, log_every=100, sample_every=0, ckpt_every=1000, nfe=[1, 2, 4], sample_only=False, ckpt=None,
-    n=64, fid=0, fid_weights=None, fid_ref=None, fid_batch=250, class_cond=False, xflip=False,
-    ema_decay=None, ema_halflife_kimg=None, grad_clip=0.0, max_skips=20, bf16=False, device=None,
-    eval_samples=None, classes=None, vae=None,
+    dataset=None, data_path=None, out=None, steps=2000, batch_size=256, batch_gpu=None, lr=1e-3, model="MLP",
+    seed=0, resume=False, log_every=100, sample_every=None, ckpt_every=1000, snapshot_every=None, keep=None,
+    nfe=[1, 2, 4], sample_only=False, ckpt=None, n=64, npz=None, png_dir=None, classes=None, fid=0,
+    fid_weights=None, fid_ref=None, fid_batch=250, class_cond=False, xflip=False, ema_decay=None,
+    ema_halflife_kimg=None, grad_clip=0.0, max_skips=20, bf16=False, device=None, threads=None,
+    eval_samples=None, vae=None,
 )
+
+# What --resume may change: how long, how fast and how the run reports and samples, not what its checkpoint
+# holds (model, method variant, data, teacher...). A method adds its own sampling-only settings.
+RESUMABLE = {"steps", "lr", "batch_gpu", "log_every", "sample_every", "ckpt_every", "snapshot_every", "keep",
+             "nfe", "n", "eval_samples", "fid", "fid_weights", "fid_ref", "fid_batch", "max_skips", "device",
+             "bf16", "threads", "data_path", "vae", "resume", "grad_clip"}
+
+
+class Interrupted(Exception):
+    """A stop signal arrived; the checkpoint is written. Reported in one line, exit code 128 + signal."""
+
+    def __init__(self, signum, message):
+        super().__init__(message)
+        self.code = 128 + signum
+
+
+def cli(main, argv=None):
+    """Run main(argv), turning UserError / RunError / Interrupted into one line on stderr and the exit code
+    of the contract above (a Ctrl-C before training started is an Interrupted without a checkpoint)."""
+    try:
+        return main(argv)
+    except (UserError, RunError, Interrupted, KeyboardInterrupt) as e:
+        if isinstance(e, KeyboardInterrupt):
+            e = Interrupted(signal.SIGINT, "interrupted before training started; nothing was written")
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"{'stopped' if isinstance(e, Interrupted) else 'error'}: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.code if isinstance(e, Interrupted) else EXIT_USER_ERROR if isinstance(e, UserError)
+                 else EXIT_RUN_ERROR)
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -1332,55 +1486,98 @@ class OneLineErrorParser(argparse.ArgumentParser):
     def error(self, message):
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
-        sys.exit(2)
+        sys.exit(EXIT_USER_ERROR)
 
 
 def base_parser(method, description):
     """The flags every method script shares (SPEC section 1). Defaults are None so a flag given on the
-    command line can be told from one left to the preset (see resolve_config)."""
-    p = OneLineErrorParser(prog=f"{method}.py", description=description,
+    command line can be told from one left to the preset (see resolve_config); `parse` shows each flag's
+    value for the chosen preset in --help."""
+    p = OneLineErrorParser(prog=f"{method}.py", description=description, add_help=False,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
+    a("-h", "--help", action="store_true", default=None, help="this help; with --dataset (and the method's mode "
+      "flag) it shows the values of that preset")
     a("--dataset", choices=DATASETS, help="data set; picks the paper's preset for that setting")
-    a("--imagenet-latents", action="store_true", help="shorthand for --dataset imagenet-latents")
-    a("--data-path", help="data folder (default ./data for cifar10, ./data/imagenet-latents for latents)")
-    a("--out", help=f"run directory (default runs/{method}-<dataset>)")
+    a("--imagenet-latents", action="store_true", default=None, help="shorthand for --dataset imagenet-latents")
+    a("--data-path", help="data folder (cifar10, digits: ./data; latents: ./data/imagenet-latents)")
+    a("--out", help=f"run directory (runs/{method}-<dataset>)")
     a("--steps", type=int, help="training iterations")
-    a("--batch-size", type=int, help="global batch size (split over ranks)")
+    a("--batch-size", type=int, help="global batch size (split over ranks; fixed for a run)")
+    a("--batch-gpu", type=int, help="per-process micro-batch: gradient accumulation over the per-process share "
+                                    "of --batch-size (whole share: no accumulation)")
     a("--lr", type=float, help="learning rate")
     a("--model", help="backbone: MLP (toy data) or one of DiT-T/2, DiT-S/2, DiT-B/2, DiT-L/2, DiT-XL/2")
     a("--seed", type=int, help="base seed; rank r uses seed * world_size + r")
-    a("--resume", action="store_true", default=None, help="continue from OUT/ckpt.pt (bit-identical trajectory)")
+    a("--resume", action="store_true", default=None, help="continue from OUT/ckpt.pt (bit-identical trajectory; "
+                                                          "may change only --steps, --lr and the reporting flags)")
     a("--log-every", type=int, help="steps between log.jsonl records")
-    a("--sample-every", type=int, help="steps between sample grids (0: only at the end)")
-    a("--ckpt-every", type=int, help="steps between checkpoints")
+    a("--sample-every", type=int, help="steps between sample grids (unset: only at the end)")
+    a("--ckpt-every", type=int, help="steps between checkpoints (OUT/ckpt.pt)")
+    a("--snapshot-every", type=int, help="thousands of images between snapshots OUT/ckpt-{kimg:06d}.pt (unset: none)")
+    a("--keep", type=int, help="keep only the newest N snapshots (unset: all)")
     a("--nfe", type=int, nargs="+", help="numbers of function evaluations to sample/evaluate with")
     a("--sample-only", action="store_true", default=None, help="write samples (and --fid) from --ckpt, no training")
-    a("--ckpt", help="checkpoint for --sample-only")
-    a("--n", type=int, help="samples per grid")
+    a("--ckpt", help="checkpoint for --sample-only (OUT/ckpt.pt or any snapshot)")
+    a("--n", type=int, help="samples per grid; with --npz / --png-dir, samples exported per sampler and NFE")
+    a("--npz", help="--sample-only: export the samples to this .npz (uint8 NHWC under arr_0, the ADM "
+                    "evaluation-suite format; toy sets: float32 points); one file per sampler and NFE")
+    a("--png-dir", help="--sample-only: also write one PNG per sample into this folder")
+    a("--class", dest="classes", type=int, nargs="+", metavar="K",
+      help="class-conditional models: sample these classes (in turn)")
     a("--fid", type=int, help="FID with this many samples per NFE (50000 for published numbers)")
     a("--fid-weights", help="path of pt_inception-2015-12-05-6726825d.pth (else torch hub cache/download)")
     a("--fid-ref", help="reference statistics .npz (mu, sigma); default: cached CIFAR-10 train statistics")
-    a("--fid-batch", type=int, help="per-rank batch for FID sampling")
+    a("--fid-batch", type=int, help="per-rank batch for drawing samples (FID, --npz, evaluation)")
     a("--class-cond", action=argparse.BooleanOptionalAction, help="class-conditional model (labels, CFG)")
     a("--xflip", action=argparse.BooleanOptionalAction, help="random horizontal flips of training images")
     a("--ema-decay", type=float, help="EMA decay per step (overrides the half-life)")
     a("--ema-halflife-kimg", type=float, help="EMA half-life in thousands of images (EDM convention)")
     a("--grad-clip", type=float, help="clip the gradient norm to this value (0: off)")
     a("--max-skips", type=int, help="stop after this many consecutive non-finite steps")
-    a("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast for forward/backward passes (CUDA)")
+    a("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast for the gradient passes (CUDA or CPU; "
+                                                            "targets and JVPs stay fp32)")
     a("--device", choices=["cpu", "cuda"], help="force a device (default: CUDA when available)")
+    a("--threads", type=int, help="CPU threads (default: 1 for toy sets, where the small MLP gains nothing "
+                                  "from more; else PyTorch's choice)")
     a("--vae", help="latent data: diffusers AutoencoderKL name or folder that decodes samples (default: the one "
                     "recorded in the shards' meta.json)")
     a("--eval-samples", type=int, help="samples per sampler and NFE written at the end to samples/nfe{k}.npy "
-                                       "(toy points) or .npz (images) and scored (default: toy 4096, images 1000)")
+                                       "(toy points) or .npz (images) and scored (toy 4096, images 1000)")
     return p
+
+
+def parse(parser, argv, resolve):
+    """parser.parse_args(argv), then resolve(args) -> cfg. With -h/--help: the help, each flag's entry
+    ending in its value for the preset that the other flags choose (or "set by the preset" without
+    --dataset), then exit 0."""
+    args = parser.parse_args(argv)
+    if not args.help:
+        return resolve(args)
+    args.help = None
+    try:
+        cfg = resolve(args)
+    except UserError:
+        cfg = None
+    for action in parser._actions:
+        if action.dest in ("help",) or action.help in (None, argparse.SUPPRESS):
+            continue
+        if cfg is None:
+            note = "set by the preset of --dataset"
+        else:
+            value = cfg.get(action.dest)
+            note = f"{'preset ' + cfg['dataset'] + ': ' if cfg.get('dataset') else ''}{value}"
+        action.help = f"{action.help} [{note}]".replace("%", "%%")
+    parser.print_help()
+    sys.exit(0)
 
 
 def resolve_config(args, method, defaults, presets):
     """defaults <- presets[setting] <- explicitly given flags. Toy sets use presets["toy"] unless they
-    have their own entry. Returns a plain dict (saved as config.json)."""
-    given = {k: v for k, v in vars(args).items() if v is not None}
+    have their own entry. --sample-only and --resume start from the checkpoint's saved config instead,
+    then apply the flags given (Run checks that a resumed run changes only what RESUMABLE allows).
+    Returns a plain dict (saved as config.json)."""
+    given = {k: v for k, v in vars(args).items() if v is not None and k != "help"}
     if given.pop("imagenet_latents", False):
         given["dataset"] = "imagenet-latents"
     if given.get("sample_only"):                    # sampling: the checkpoint's config, then the flags given
@@ -1397,26 +1594,88 @@ def resolve_config(args, method, defaults, presets):
     cfg = {**COMMON_DEFAULTS, **defaults, **presets.get(setting, {}), **given}
     cfg.update(method=method, dataset=dataset)
     cfg["out"] = cfg["out"] or os.path.join("runs", f"{method}-{dataset}")
-    if cfg["ema_decay"] is not None:
+    if given.get("resume"):                         # the run's own config, then the flags given
+        path = os.path.join(cfg["out"], "ckpt.pt")
+        if os.path.isfile(path):
+            trained = load_checkpoint(path, method)["cfg"]
+            cfg = {**COMMON_DEFAULTS, **defaults, **trained, **given, "resume_of": trained}
+    if "ema_decay" in given:
         cfg["ema_halflife_kimg"] = None
     if cfg["eval_samples"] is None:
         cfg["eval_samples"] = 4096 if dataset in TOY_SETS else 1000
+    if cfg["threads"] is None and dataset in TOY_SETS:
+        cfg["threads"] = 1
+    check_common(cfg)
     return cfg
 
 
-class Run:
-    """Bookkeeping around a method's training loop: devices and seeds, the run folder, the optimizer
-    update with non-finite skipping, logging, checkpoints with all RNG streams, samples and evaluation.
+def check_common(cfg):
+    """The shared flags, checked before anything is created: one UserError naming the first bad one."""
+    def positive(key, allow_zero=False):
+        v = cfg.get(key)
+        if v is not None and not (v >= 0 if allow_zero else v >= 1):
+            raise UserError(f"--{key.replace('_', '-')} must be {'>= 0' if allow_zero else '>= 1'}, got {v}")
+    for key in ("batch_size", "log_every", "ckpt_every", "sample_every", "snapshot_every", "keep", "n",
+                "max_skips", "fid_batch", "batch_gpu", "threads"):
+        positive(key)
+    for key in ("steps", "fid", "eval_samples", "seed"):
+        positive(key, allow_zero=True)
+    if not (math.isfinite(cfg["lr"]) and cfg["lr"] > 0):
+        raise UserError(f"--lr must be a finite number > 0, got {cfg['lr']}")
+    if any(k < 1 for k in cfg["nfe"]):
+        raise UserError(f"--nfe values must be >= 1, got {cfg['nfe']}")
+    if not (math.isfinite(cfg["grad_clip"]) and cfg["grad_clip"] >= 0):
+        raise UserError(f"--grad-clip must be >= 0 (0: off), got {cfg['grad_clip']}")
+    if cfg["ema_decay"] is not None and not 0 <= cfg["ema_decay"] < 1:
+        raise UserError(f"--ema-decay must lie in [0, 1), got {cfg['ema_decay']}")
+    if cfg["ema_decay"] is None and cfg["ema_halflife_kimg"] is not None and not cfg["ema_halflife_kimg"] > 0:
+        raise UserError(f"--ema-halflife-kimg must be > 0, got {cfg['ema_halflife_kimg']}")
+    if cfg["device"] == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but PyTorch sees no CUDA device here (use --device cpu)")
+    if cfg["classes"] is not None and not cfg["class_cond"]:
+        raise UserError("--class picks classes of a class-conditional model; this model is unconditional")
+    if (cfg["npz"] or cfg["png_dir"]) and not cfg["sample_only"]:
+        raise UserError("--npz / --png-dir export samples with --sample-only --ckpt CKPT")
+    if cfg["npz"] and not cfg["npz"].endswith(".npz"):
+        raise UserError(f"--npz takes a file name ending in .npz, got {cfg['npz']!r}")
+    for key in ("out", "png_dir"):
+        if cfg.get(key) and os.path.isfile(cfg[key]):
+            raise UserError(f"--{key.replace('_', '-')} {cfg[key]} is a file, not a folder")
 
-        run = Run(cfg)
-        ...
+
+def check_late_needs(cfg, data, dist_info):
+    """What a run needs only at its end (or at its first grid), checked at its start, so that no long run
+    dies there: the VAE that decodes latent samples (diffusers importable, the model loadable from its name
+    or --vae PATH); with --fid, the Inception weights and the reference statistics (computed and cached now
+    if they can be); for digits, the classifier of the digits figure (trained and cached now)."""
+    if data.kind == "latent":
+        _load_vae(data.meta["vae"], "cpu")
+    if cfg.get("fid") and data.kind != "toy":
+        load_fid_inception(cfg.get("fid_weights"), "cpu")
+        fid_reference(cfg["dataset"], cfg.get("data_path"), cfg.get("fid_ref"), cfg.get("fid_weights"),
+                      dist_info=dist_info)
+    if cfg["dataset"] == "digits" and cfg.get("eval_samples"):
+        digits_classifier(cfg.get("data_path"), verbose=False)
+
+
+class Run:
+    """Bookkeeping around a method's training loop: devices and seeds, the run folder, the guarded optimizer
+    update (gradient accumulation, non-finite skipping and rollback), logging, checkpoints with every RNG
+    stream, snapshots, stop signals, samples and evaluation.
+
+        data = common.load_dataset(...)                  # every check that can fail comes first
+        run = Run(cfg)                                   # checks the run folder; creates nothing
+        ...                                              # models, EMA, optimizer, loader
+        start = run.start(state)                         # --resume or a fresh folder; OUT is created here
         for step in run.steps(start):
-            losses = ...                       # dict of scalar tensors, "loss" is optimised
-            run.update(opt, losses["loss"], params)
+            batch = ...                                  # this rank's batch and its random draws
+            losses = run.update(opt, params, loss_fn, batch, emas)
             run.log(step, losses)
+            run.after_step(step, state, samplers, data)  # grids, checkpoints, snapshots, stop signals
+        run.finish(...)
     """
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, resumable=(), data=None):
         self.cfg = cfg
         self.dist = setup_distributed(cfg.get("device"))
         self.device = self.dist.device
@@ -1424,25 +1683,99 @@ class Run:
             enable_tf32()
         else:
             tune_cpu_allocator()
-        if cfg["batch_size"] % self.dist.world_size:
-            raise UserError(f"global batch {cfg['batch_size']} is not divisible by the world size {self.dist.world_size}")
-        self.batch_per_rank = cfg["batch_size"] // self.dist.world_size
-        seed_everything(cfg["seed"], self.dist)
+        self._threads_before = torch.get_num_threads()
+        if cfg.get("threads"):
+            torch.set_num_threads(cfg["threads"])
+        world = self.dist.world_size
+        if cfg["batch_size"] % world:
+            raise UserError(f"global batch {cfg['batch_size']} is not divisible by the world size {world}")
+        self.batch_per_rank = cfg["batch_size"] // world
+        self.batch_gpu = cfg.get("batch_gpu") or self.batch_per_rank
+        if self.batch_per_rank % self.batch_gpu:
+            raise UserError(f"--batch-gpu {self.batch_gpu} does not divide the per-process batch {self.batch_per_rank} "
+                            f"(--batch-size {cfg['batch_size']} over {world} processes)")
         self.out = cfg["out"]
         self.is_main = self.dist.is_main
-        self.skips = 0            # consecutive non-finite steps
+        self.ckpt_path = os.path.join(self.out, "ckpt.pt")
+        if not cfg.get("sample_only"):
+            self._check_folder(resumable)
+        if data is not None:
+            check_late_needs(cfg, data, self.dist)
+        seed_everything(cfg["seed"], self.dist)
+        self.skips = 0                    # consecutive non-finite updates
         self.skipped_total = 0
-        self._acc, self._acc_n, self._t_last, self._lr = {}, 0, time.time(), None
-        if self.is_main:
-            os.makedirs(os.path.join(self.out, "samples"), exist_ok=True)
+        self.last_good = None             # (path, step) of the newest checkpoint known good
+        self._wrapped, self._snapshot, self._signal, self._old_handlers = [], None, 0, {}
+        self._acc, self._acc_n, self._t_last, self._lr, self._last_step = {}, 0, time.time(), None, 0
+        self._bar = None
         self.logger = JSONLLogger(os.path.join(self.out, "log.jsonl"), self.is_main)
 
-    # -- config ------------------------------------------------------------------------------
-    def save_config(self):
+    def _check_folder(self, resumable):
+        """OUT must not be a file; a checkpoint there is continued only with --resume, and a resumed run may
+        change only what RESUMABLE (and the method's `resumable`) allows."""
+        cfg = self.cfg
+        exists = os.path.isfile(self.ckpt_path)
+        if exists and not cfg.get("resume"):
+            raise UserError(f"{self.out} already holds a run ({self.ckpt_path}); continue it with --resume, or "
+                            f"choose another --out")
+        if cfg.get("resume") and not exists:
+            raise UserError(f"--resume: there is no checkpoint {self.ckpt_path} to continue")
+        trained = cfg.pop("resume_of", None)
+        if trained is None:
+            return
+        allowed = RESUMABLE | set(resumable)
+        changed = sorted(k for k in set(cfg) | set(trained) if k not in allowed and cfg.get(k) != trained.get(k))
+        if changed:
+            parts = ", ".join(f"--{k.replace('_', '-')} {trained.get(k)} -> {cfg.get(k)}" for k in changed[:4])
+            raise UserError(f"--resume continues the run in {self.out}, which was started with other settings "
+                            f"({parts}); drop those flags, or start a new run with another --out")
+        self.resumed_changes = {k: (trained.get(k), cfg.get(k)) for k in sorted(allowed - {"resume"})
+                                if trained.get(k) != cfg.get(k)}
+
+    # -- start ---------------------------------------------------------------------------------
+    def start(self, state, describe=""):
+        """Before the first step: with --resume, restore OUT/ckpt.pt into `state`; then create OUT (removing
+        temporary files that killed processes left), cut log.jsonl back to the restored step, write
+        config.json, print what runs where, and catch the stop signals. Returns the first step."""
+        start = self.restore(state) if self.cfg.get("resume") else 0
         if self.is_main:
-            print0(json.dumps(self.cfg, indent=1, sort_keys=True))
+            os.makedirs(os.path.join(self.out, "samples"), exist_ok=True)
+            for folder in (self.out, os.path.join(self.out, "samples")):
+                remove_temporaries(folder)
+            self._cut_log(start)
             with open(os.path.join(self.out, "config.json"), "w") as f:
                 json.dump(self.cfg, f, indent=1, sort_keys=True)
+        self._announce(state, describe, start)
+        self._catch_signals()
+        return start
+
+    def _announce(self, state, describe, start):
+        models = [m for m in state.values() if isinstance(m, nn.Module)]
+        size = sum(p.numel() for m in models for p in m.parameters())
+        device = (f"{self.dist.world_size} x {torch.cuda.get_device_name(self.device)}" if self.device.type == "cuda"
+                  else f"CPU, {self.dist.world_size} process(es) x {torch.get_num_threads()} thread(s)")
+        accumulation = (f", micro-batch {self.batch_gpu} ({self.batch_per_rank // self.batch_gpu} per update)"
+                        if self.batch_gpu < self.batch_per_rank else "")
+        dataset = self.cfg["dataset"]
+        preset = f"toy ({dataset})" if dataset in TOY_SETS else dataset
+        print0(f"{self.cfg['method']}.py {describe}, preset {preset}: {self.cfg['model']} ({size / 1e6:.2f}M "
+               f"parameters), batch {self.cfg['batch_size']}{accumulation}, {self.cfg['steps']} steps, {device}; "
+               f"writing to {self.out}" + (f"; resumed at step {start}" if start else ""))
+        print0("config: " + json.dumps(self.cfg, sort_keys=True))
+        for k, (old, new) in getattr(self, "resumed_changes", {}).items():
+            print0(f"--resume: {k} {old} -> {new}")
+
+    def _cut_log(self, step):
+        """log.jsonl holds each step once: records past the step a run resumes from are dropped."""
+        path = os.path.join(self.out, "log.jsonl")
+        if not os.path.isfile(path):
+            return
+        with open(path) as f:
+            keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = path + f".tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
 
     def autocast(self):
         """--bf16: bf16 autocast around a method's loss, on CUDA or the CPU (see "Precision" above for which
@@ -1455,67 +1788,161 @@ class Run:
         if not self.dist.ddp:
             return model
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        self._wrapped.append(wrapped)
+        return wrapped
 
     # -- the update ----------------------------------------------------------------------------
-    def update(self, opt, loss, params, grad_clip=None):
-        """backward, then step only if the loss and the (already all-reduced) gradient are finite.
-        Non-finite steps are skipped and counted; too many in a row stop the run (the last good
-        checkpoint stays). Returns the gradient norm (a tensor)."""
+    def update(self, opt, params, loss_fn, batch, emas=()):
+        """One optimizer update from this rank's `batch` (a dict of per-sample tensors: the data and every
+        random draw of the step, so that splitting it changes nothing but memory).
+
+        Gradient accumulation: the batch is cut into micro-batches of --batch-gpu samples; loss_fn(micro) ->
+        dict of scalar tensors ("loss" is the mean over the micro-batch) runs under autocast, and its loss,
+        scaled by the micro-batch's share, is back-propagated; DDP synchronises the gradients only on the last
+        micro-batch (no_sync before). Then the guard: if any micro-batch's loss or the all-reduced gradient is
+        non-finite, the update is skipped; after the optimizer step, parameters that are not all finite are
+        rolled back to their state before it (and the optimizer's), the update counting as skipped; the EMAs
+        [(ema, module)] are updated only after a good update. --max-skips skips in a row stop the run.
+        Returns the losses averaged over micro-batches, with grad_norm."""
         params = [p for p in params if p.requires_grad]
-        loss.backward()
-        clip = grad_clip if grad_clip is not None else self.cfg.get("grad_clip", 0.0)
-        gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip and clip > 0 else float("inf"))
-        ok = torch.isfinite(gnorm) & torch.isfinite(loss.detach())
-        ok = all_reduce_sum(ok.float()) == self.dist.world_size          # every rank decides alike
+        n = len(next(v for v in batch.values() if torch.is_tensor(v)))
+        cuts = list(range(0, n, self.batch_gpu))
+        totals, finite = {}, torch.ones((), device=self.device)
+        for i, lo in enumerate(cuts):
+            micro = {k: v[lo:lo + self.batch_gpu] if torch.is_tensor(v) and v.dim() else v for k, v in batch.items()}
+            share = len(micro[next(k for k, v in batch.items() if torch.is_tensor(v))]) / n
+            sync = contextlib.nullcontext() if i == len(cuts) - 1 else self.no_sync()
+            with sync:
+                with self.autocast():
+                    losses = loss_fn(micro)
+                (losses["loss"] * share).backward()
+            for k, v in losses.items():
+                v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
+                totals[k] = totals.get(k, 0) + share * v.to(self.device)
+            finite = finite * torch.isfinite(losses["loss"].detach()).float()
+        clip = self.cfg.get("grad_clip") or 0.0
+        gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        ok = self._all_agree(finite * torch.isfinite(gnorm).float())
         self._lr = opt.param_groups[0]["lr"]
-        if bool(ok):
+        if ok:
+            self._keep(opt, params)
             opt.step()
+            peaks = torch.stack(torch._foreach_norm([p.detach() for p in params], float("inf")))  # max |p| each
+            ok = self._all_agree(torch.isfinite(peaks).all().float())
+            if not ok:                                    # the step itself overflowed: undo it
+                self._roll_back(opt, params)
+        if ok:
+            for ema, module in emas:
+                ema.update(module, self.cfg["batch_size"])
             self.skips = 0
         else:
             self.skips += 1
             self.skipped_total += 1
-            if self.skips >= self.cfg["max_skips"]:
-                raise RunError(f"{self.skips} consecutive non-finite steps; stopping (the last good checkpoint "
-                               f"{os.path.join(self.out, 'ckpt.pt')} is intact). Lower --lr or check the data.")
         opt.zero_grad(set_to_none=True)
-        return gnorm
+        if self.skips >= self.cfg["max_skips"]:
+            self._stop_on_skips()
+        totals["grad_norm"] = gnorm.detach()
+        return totals
+
+    def no_sync(self):
+        """DDP's no_sync on every wrapped model: gradients accumulate locally until the last micro-batch."""
+        stack = contextlib.ExitStack()
+        for model in self._wrapped:
+            stack.enter_context(model.no_sync())
+        return stack
+
+    def _all_agree(self, flag):
+        """True when flag (0/1) is 1 on every rank: every rank takes the same decision."""
+        return bool(all_reduce_sum(flag.float()) == self.dist.world_size)
+
+    def _keep(self, opt, params):
+        """Copy the parameters and the optimizer state before a step, into buffers reused from step to step
+        (about three times the parameters' memory with Adam), so that an overflowing step can be undone."""
+        state = [v for p in params for v in opt.state.get(p, {}).values() if torch.is_tensor(v)]
+        tensors = [p.detach() for p in params] + state
+        if self._snapshot is None or len(self._snapshot[1]) != len(tensors):
+            self._snapshot = (opt, [torch.empty_like(t) for t in tensors], len(state))
+        torch._foreach_copy_(self._snapshot[1], tensors)
+
+    def _roll_back(self, opt, params):
+        _, copies, n_state = self._snapshot
+        state = [v for p in params for v in opt.state.get(p, {}).values() if torch.is_tensor(v)]
+        if len(state) != n_state:                         # the first step created the state: drop it
+            for p in params:
+                opt.state.pop(p, None)
+            state = []
+        with torch.no_grad():
+            torch._foreach_copy_([p.detach() for p in params] + state, copies[:len(params) + len(state)])
+
+    def _stop_on_skips(self):
+        self._acc["skipped_in_a_row"] = torch.tensor(float(self.skips), device=self.device) * self._acc_n
+        self._write_record(self._last_step)                             # the log shows the streak
+        where = (f"the last good checkpoint is {self.last_good[0]} (step {self.last_good[1]})" if self.last_good
+                 else "no checkpoint was written")
+        raise RunError(f"{self.skips} consecutive non-finite updates; stopping ({where}). Lower --lr or check "
+                       f"the data")
 
     # -- logging -------------------------------------------------------------------------------
+    def kimg(self, steps_done):
+        """Thousands of training images after `steps_done` updates (--batch-size is fixed for a run)."""
+        return round(steps_done * self.cfg["batch_size"] / 1000, 3)
+
     def steps(self, start):
-        """range(start, steps) with a progress bar on rank 0."""
+        """range(start, steps); on rank 0 in a terminal, with a progress bar showing the main losses and
+        kimg/s."""
         it = range(start, self.cfg["steps"])
         if self.is_main and sys.stderr.isatty():
             from tqdm import tqdm
-            it = tqdm(it, initial=start, total=self.cfg["steps"], dynamic_ncols=True)
+            it = self._bar = tqdm(it, initial=start, total=self.cfg["steps"], dynamic_ncols=True, unit="step")
         self._t_last = time.time()
         return it
 
     def log(self, step, scalars):
         """Accumulate scalar tensors (no host sync); every log_every steps average them over steps and
-        ranks and write one log.jsonl record."""
+        ranks and write one log.jsonl record (and refresh the progress bar)."""
         for k, v in scalars.items():
             v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
             self._acc[k] = self._acc.get(k, 0) + v.to(self.device)
         self._acc_n += 1
-        done = step + 1
+        self._last_step = done = step + 1
         if done % self.cfg["log_every"] and done != self.cfg["steps"]:
+            return None
+        return self._write_record(done)
+
+    def _write_record(self, done):
+        """One log.jsonl record of the steps accumulated since the last one (all ranks take part)."""
+        if not self._acc_n:
             return None
         keys = sorted(self._acc)
         vec = all_reduce_mean(torch.stack([self._acc[k] for k in keys]) / self._acc_n)
         now = time.time()
-        rec = {"step": done, "kimg": round(done * self.cfg["batch_size"] / 1000, 3)}
+        sec = (now - self._t_last) / self._acc_n
+        rec = {"step": done, "kimg": self.kimg(done)}
         rec.update({k: float(v) for k, v in zip(keys, vec.tolist())})
         if self._lr is not None:
             rec["lr"] = self._lr
-        rec.update(sec_per_step=round((now - self._t_last) / self._acc_n, 5), skipped=self.skipped_total)
+        rec.update(sec_per_step=round(sec, 5), skipped=self.skipped_total)
         self._acc, self._acc_n, self._t_last = {}, 0, now
         self.logger.write(rec)
-        if self.is_main and not sys.stderr.isatty():
+        if self._bar is not None:
+            main = {k: f"{rec[k]:.4g}" for k in ("loss", "grad_norm") if k in rec}
+            self._bar.set_postfix(kimg=f"{rec['kimg']:.1f}", **main,
+                                  **{"kimg/s": f"{self.cfg['batch_size'] / 1000 / max(sec, 1e-9):.2f}"})
+        elif self.is_main:
             print0(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
         return rec
 
-    # -- checkpoints ---------------------------------------------------------------------------
+    def note(self, text, **record):
+        """A line for the person watching (above the progress bar) and, with `record`, for log.jsonl."""
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print0(text)
+        if record:
+            self.logger.write(record)
+
+    # -- checkpoints, snapshots, stop signals --------------------------------------------------
     def _gather_rng(self):
         state = rng_state(self.device)
         if not self.dist.ddp:
@@ -1526,29 +1953,52 @@ class Run:
 
     def checkpoint(self, step, objects, path=None):
         """Save {name: obj.state_dict()} plus step, config, every rank's RNG and the skip counter,
-        atomically, from rank 0. A state with non-finite weights is never written over a good file."""
-        rng = self._gather_rng()                                     # collective: every rank calls
+        atomically, from rank 0 (a collective: every rank calls it). Nothing is written while updates are
+        being skipped, nor when a weight is not finite: the last good checkpoint stays. Returns the path
+        written, or None."""
+        path = path or self.ckpt_path
+        rng = self._gather_rng()
+        written = None
         if self.is_main:
             state = {name: obj.state_dict() for name, obj in objects.items()}
-            weights = [s for s in state.values() if isinstance(s, dict) and all(torch.is_tensor(v) for v in s.values())]
-            if all(all_finite(w) for w in weights):
-                state.update(step=step, cfg=self.cfg, rng=rng, skipped=self.skipped_total)
-                save_checkpoint(path or os.path.join(self.out, "ckpt.pt"), state)
+            tensors = [s for s in state.values() if isinstance(s, dict) and all(torch.is_tensor(v) for v in s.values())]
+            failure = None
+            if self.skips:
+                self.note(f"warning: step {step} follows {self.skips} non-finite updates; {path} not written")
+            elif not all(all_finite(w) for w in tensors):
+                self.note(f"warning: non-finite weights at step {step}; {path} not written")
             else:
-                print0(f"warning: non-finite weights at step {step}; checkpoint not written")
+                state.update(step=step, cfg=self.cfg, rng=rng, skipped=self.skipped_total)
+                try:
+                    save_checkpoint(path, state)
+                    written = path
+                except OSError as e:                                  # disk full, folder gone: the old file stays
+                    failure = f"could not write {path} at step {step} ({e.strerror or e})"
+        shared = [written, failure if self.is_main else None]
         if self.dist.ddp:
-            tdist.barrier()                                          # nobody reads it before it exists
+            tdist.broadcast_object_list(shared, src=0)                # every rank knows what exists now
+        written, failure = shared
+        if failure:
+            kept = f"{self.last_good[0]} (step {self.last_good[1]}) is kept" if self.last_good else "none was kept"
+            raise RunError(f"{failure}; the previous checkpoint {kept}")
+        if written and path == self.ckpt_path:
+            self.last_good = (path, step)
+        return written
 
     def restore(self, objects):
-        """With --resume, load OUT/ckpt.pt into `objects` and the RNG streams; returns the start step."""
-        if not self.cfg.get("resume"):
-            return 0
-        path = os.path.join(self.out, "ckpt.pt")
-        ckpt = load_checkpoint(path, self.cfg["method"])
+        """Load OUT/ckpt.pt into `objects` and the RNG streams (--resume); returns the start step."""
+        ckpt = load_checkpoint(self.ckpt_path, self.cfg["method"])
         for name, obj in objects.items():
             if name not in ckpt:
-                raise UserError(f"{path} has no {name!r} state (written with other options?)")
-            obj.load_state_dict(ckpt[name])
+                raise UserError(f"{self.ckpt_path} has no {name!r} state (written with other options?)")
+            try:
+                obj.load_state_dict(ckpt[name])
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise UserError(f"{self.ckpt_path}: its {name!r} state does not fit this run "
+                                f"({str(e).splitlines()[0][:120]})") from None
+            if isinstance(obj, torch.optim.Optimizer):            # a changed --lr applies from here on
+                for group in obj.param_groups:
+                    group["lr"] = self.cfg["lr"]
         rng = ckpt["rng"]
         if len(rng) == self.dist.world_size:
             set_rng_state(rng[self.dist.rank], self.device)
@@ -1557,8 +2007,75 @@ class Run:
                    f"the continuation will not be bit-identical")
             seed_everything(self.cfg["seed"] + ckpt["step"], self.dist)
         self.skipped_total = ckpt.get("skipped", 0)
-        print0(f"resumed from {path} at step {ckpt['step']}")
+        self.last_good = (self.ckpt_path, ckpt["step"])
         return ckpt["step"]
+
+    def _catch_signals(self):
+        """SIGTERM / SIGUSR1 / SIGINT only set a flag; the loop stops at the end of the step (after_step)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in STOP_SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        self._signal = signum
+        signal.signal(signum, self._old_handlers.get(signum, signal.SIG_DFL))    # a second one acts at once
+
+    def _release_signals(self):
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+        self._old_handlers = {}
+
+    def _stop_requested(self):
+        """The signal any rank caught (0: none), the same on every rank: they all stop after the same step."""
+        if not self.dist.ddp:
+            return self._signal
+        flag = torch.tensor(float(self._signal), device=self.device)
+        tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+        return int(flag)
+
+    def after_step(self, step, state, sample, data):
+        """The loop's bookkeeping after update `step` (0-based): grids every sample_every updates; a snapshot
+        each time the images seen pass a multiple of snapshot_every thousand; a checkpoint every ckpt_every
+        updates, after the last one, and when a stop signal arrived, after which the run stops."""
+        done = step + 1
+        cfg = self.cfg
+        stop = self._stop_requested()
+        if cfg["sample_every"] and done % cfg["sample_every"] == 0:
+            self.save_samples(f"step{done}", sample, data)
+        every = cfg["snapshot_every"]
+        if every and int(self.kimg(done) // every) > int(self.kimg(step) // every):
+            self.snapshot(done, state)
+        if done % cfg["ckpt_every"] == 0 or done == cfg["steps"] or stop:
+            self.checkpoint(done, state)
+        if stop:
+            self._write_record(done)                                    # the steps since the last record
+            self._release_signals()
+            if self._bar is not None:
+                self._bar.close()
+            name = signal.Signals(stop).name
+            where = f"checkpoint {self.last_good[0]} holds step {self.last_good[1]}" if self.last_good else \
+                "no good checkpoint could be written"
+            raise Interrupted(stop, f"{name} after step {done}: {where}; continue with --resume")
+
+    def snapshot(self, step, state):
+        """OUT/ckpt-{kimg:06d}.pt, a checkpoint kept beside ckpt.pt (--sample-only reads either); only the
+        newest --keep are kept."""
+        kimg = self.kimg(step)
+        name = f"ckpt-{int(kimg):06d}.pt"
+        written = self.checkpoint(step, state, os.path.join(self.out, name))
+        if written and self.is_main:
+            removed = []
+            if self.cfg["keep"]:
+                old = sorted(f for f in os.listdir(self.out) if re.fullmatch(r"ckpt-\d{6}\.pt", f))
+                for f in old[:-self.cfg["keep"]]:
+                    os.remove(os.path.join(self.out, f))
+                    removed.append(f)
+            self.note(f"snapshot {written} (step {step}, {kimg:g} kimg)"
+                      + (f"; removed {', '.join(removed)}" if removed else ""),
+                      step=step, kimg=kimg, snapshot=name, removed=removed)
 
     # -- samples and evaluation ----------------------------------------------------------------
     def generator(self, salt=0):
@@ -1610,21 +2127,42 @@ class Run:
         labels = None if parts[0][2] is None else np.concatenate([p[2] for p in parts])
         return np.concatenate([p[1] for p in parts]), labels
 
-    def after_step(self, step, state, sample, data):
-        """The loop's bookkeeping after update `step` (0-based): grids every sample_every updates, and a
-        checkpoint of `state` every ckpt_every updates and after the last one."""
-        done = step + 1
-        if self.cfg["sample_every"] and done % self.cfg["sample_every"] == 0:
-            self.save_samples(f"step{done}", sample, data)
-        if done % self.cfg["ckpt_every"] == 0 or done == self.cfg["steps"]:
-            self.checkpoint(done, state)
-
     def finish(self, tag, sample, data, close=True):
-        """End of a run (or of --sample-only): grids tagged `tag`, eval.json, then the process group closes."""
+        """End of a run (or of --sample-only): grids tagged `tag`, eval.json; then the signals, the thread
+        count and (with close) the process group are released."""
+        self._release_signals()
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
         self.save_samples(tag, sample, data)
         self.evaluate(sample, data)
+        torch.set_num_threads(self._threads_before)
         if close:
             self.close()
+
+    def export(self, samplers, data):
+        """--sample-only with --npz OUT.npz and/or --png-dir DIR: cfg.n samples per sampler and NFE, drawn in
+        seeded batches shared out over the ranks (the same samples for a seed on any number of processes).
+        Images: uint8 NHWC under arr_0 (labels, if any, under `labels`), one PNG per sample in DIR; toy sets:
+        float32 points under arr_0. With one sampler and one NFE the file is OUT.npz itself; otherwise
+        OUT-<sampler>-nfe<k>.npz (and DIR/<sampler>-nfe<k>/) for each."""
+        cfg = self.cfg
+        pairs = [(name, k) for name, (_, nfes) in samplers.items() for k in nfes]
+        for name, k in pairs:
+            tag = f"{name or 'default'}-nfe{k}"
+            drawn = self.draw(samplers[name][0], data, cfg["n"], k, salt=20_000 + k,
+                              desc=f"sampling {cfg['n']} ({name or 'default'} sampler, {k} NFE)")
+            if drawn is None:
+                continue
+            x, labels = drawn
+            if cfg["npz"]:
+                path = cfg["npz"] if len(pairs) == 1 else f"{cfg['npz'][:-4]}-{tag}.npz"
+                save_npz(path, x, labels)
+                print0(f"wrote {path}: arr_0 {x.dtype} {list(x.shape)}, sampler {name or 'default'}, {k} NFE")
+            if cfg["png_dir"]:
+                folder = cfg["png_dir"] if len(pairs) == 1 else os.path.join(cfg["png_dir"], tag)
+                save_pngs(x, folder)
+                print0(f"wrote {len(x)} PNG files to {folder}")
 
     def save_samples(self, tag, samplers, data):
         """Grids (scatter plots for toy data) per sampler and NFE: samples/{tag}[_{name}]_nfe{k}.png.
@@ -1737,14 +2275,84 @@ def randn(shape, generator, device, std=1.0):
 # ==============================================================================================
 # Command line of common.py itself
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def image_batches(path, batch=250):
+    """(count, iterator of float [b, 3, H, W] batches in [-1, 1]) of the images in `path`: an .npz with uint8
+    NHWC under arr_0 (the ADM evaluation-suite format, what --npz writes) or a folder of image files (read
+    recursively, in sorted order). One-channel images are repeated to three for Inception."""
+    if os.path.isfile(path) and path.endswith(".npz"):
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                arr = f["arr_0"]
+        except Exception as e:
+            raise UserError(f"{path} is not an .npz with arr_0 ({type(e).__name__}: {str(e)[:80]})") from None
+        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] not in (1, 3):
+            raise UserError(f"{path}: arr_0 must be uint8 [N, H, W, 1 or 3] images, got {arr.dtype} {list(arr.shape)}")
+
+        def npz_batches():
+            for i in range(0, len(arr), batch):
+                x = from_uint8(arr[i:i + batch])
+                yield x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+        return len(arr), npz_batches()
+    if not os.path.isdir(path):
+        raise UserError(f"{path} is neither an .npz file nor a folder of images")
+    files = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names
+                   if f.lower().endswith(IMAGE_SUFFIXES))
+    if not files:
+        raise UserError(f"{path} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+
+    def folder_batches():
+        from PIL import Image
+        for i in range(0, len(files), batch):
+            try:
+                arr = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files[i:i + batch]])
+            except (OSError, ValueError) as e:
+                raise UserError(f"could not read the images {files[i]} .. ({type(e).__name__}: {str(e)[:80]}); "
+                                f"they must be readable and of one size") from None
+            yield from_uint8(arr)
+    return len(files), folder_batches()
+
+
+def stats_of(path, weights=None, batch=250, device=None):
+    """FID statistics (mu, sigma) of the images in `path` (image_batches), with a progress bar."""
+    from tqdm import tqdm
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    count, batches = image_batches(path, batch)
+    inception = load_fid_inception(weights, device)
+    bar = tqdm(batches, total=math.ceil(count / batch), desc=f"Inception features of {count} images", unit="batch")
+    return inception_stats(bar, inception, device)
+
+
+def read_stats(path):
+    """Reference statistics (.npz with mu [d], sigma [d, d]); no pickles."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            mu, sigma = f["mu"], f["sigma"]
+    except Exception as e:
+        raise UserError(f"{path} is not an .npz of FID statistics with mu and sigma ({type(e).__name__})") from None
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise UserError(f"{path}: mu must be [d] and sigma [d, d], got {list(mu.shape)} and {list(sigma.shape)}")
+    return mu, sigma
+
+
 def _main(argv=None):
-    p = argparse.ArgumentParser(prog="common.py", description="data preparation for the method scripts")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("fid-ref", help="compute and cache FID reference statistics")
+    p = OneLineErrorParser(prog="common.py", description="data preparation and FID for the method scripts")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=OneLineErrorParser)
+    r = sub.add_parser("fid-ref", help="FID reference statistics of an image folder or .npz (or of CIFAR-10's "
+                                       "training set, cached beside the data)")
+    r.add_argument("images", nargs="?", help="folder of images or .npz (arr_0 uint8 NHWC); omit for --dataset")
+    r.add_argument("--out", help="where to write the statistics (.npz with mu, sigma); needed with IMAGES")
     r.add_argument("--dataset", default="cifar10", choices=["cifar10"])
     r.add_argument("--data-path", default="./data")
     r.add_argument("--fid-weights")
     r.add_argument("--batch-size", type=int, default=250)
+    f = sub.add_parser("fid", help="FID of an image folder or .npz (e.g. --sample-only --npz) against statistics")
+    f.add_argument("images", help="folder of images or .npz (arr_0 uint8 NHWC)")
+    f.add_argument("--ref", required=True, help="reference statistics .npz (mu, sigma; from fid-ref)")
+    f.add_argument("--fid-weights")
+    f.add_argument("--batch-size", type=int, default=250)
     e = sub.add_parser("encode-latents", help="encode an ImageFolder into VAE latent shards")
     e.add_argument("--images", required=True, help="ImageFolder root (one sub-folder per class)")
     e.add_argument("--out", default="./data/imagenet-latents")
@@ -1756,12 +2364,28 @@ def _main(argv=None):
     e.add_argument("--shard-size", type=int, default=16384)
     e.add_argument("--mode", choices=["sample", "mean"], default="sample", help="posterior sample or mean")
     args = p.parse_args(argv)
-    if args.cmd == "fid-ref":
+    if getattr(args, "batch_size", 1) < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.cmd == "fid-ref" and args.images:
+        if not args.out or not args.out.endswith(".npz"):
+            raise UserError("fid-ref IMAGES needs --out STATS.npz")
+        mu, sigma = stats_of(args.images, args.fid_weights, args.batch_size)
+        tmp = args.out + f".tmp{os.getpid()}.npz"
+        np.savez(tmp, mu=mu, sigma=sigma)
+        os.replace(tmp, args.out)
+        print(f"wrote {args.out} ({mu.shape[0]}-d statistics of {args.images})")
+    elif args.cmd == "fid-ref":
         path = reference_stats_path(args.dataset, args.data_path)
         if os.path.isfile(path):
             os.remove(path)                                          # recompute on request
         mu, _ = fid_reference(args.dataset, args.data_path, weights=args.fid_weights, batch_size=args.batch_size)
         print(f"wrote {path} ({mu.shape[0]}-d statistics)")
+    elif args.cmd == "fid":
+        ref = read_stats(args.ref) if os.path.isfile(args.ref) else None
+        if ref is None:
+            raise UserError(f"FID reference statistics not found: {args.ref}")
+        mu, sigma = stats_of(args.images, args.fid_weights, args.batch_size)
+        print(f"FID of {args.images} against {args.ref}: {frechet_distance(mu, sigma, *ref):.4f}")
     else:
         n = encode_latents(args.images, args.out, args.vae, args.image_size, args.batch_size, args.scale_factor,
                            args.shard_size, args.mode)

@@ -320,13 +320,15 @@ def time_schedule(cfg):
 
 
 def prepare(x, y, velocity, cfg, with_n2n):
-    """Alg. 1 l.2-6 (and l.18-21 on N2N iterations): noise, times, interpolants and v_phi. On N2N
-    iterations the teacher sees z_t and z_r in one batched call. velocity: the guided teacher, or None
-    (from scratch: v_t = v_r = x - z, the conditional velocity, l.6 comment)."""
+    """Alg. 1 l.2-6 (and l.18-21 on N2N iterations): noise, times, interpolants and v_phi, per sample, for
+    this rank's batch: the draws of the iteration, shared by its CD+FM and N2N+FM updates and cut into their
+    micro-batches (--batch-gpu). On N2N iterations the teacher sees z_t and z_r in one batched call.
+    velocity: the guided teacher, or None (from scratch: v_t = v_r = x - z, the conditional velocity, l.6
+    comment)."""
     z = torch.randn_like(x)                                                    # l.2
     t = time_schedule(cfg).sample(len(x), x.device)                            # l.3
     z_t, v_cond = INTERP(x, z, t)                                              # l.4
-    batch = dict(z=z, t=t, z_t=z_t)
+    batch = dict(y=y, z=z, t=t, z_t=z_t)
     if with_n2n:
         r = torch.minimum(cfg["r_max"] * torch.rand(len(x), device=x.device), t)   # l.18: r -> 0 (and r <= t)
         batch.update(r=r, z_r=INTERP(x, z, r)[0])                              # l.19
@@ -451,14 +453,14 @@ def load_teacher(cfg, data):
 
 
 def train(cfg, close=True):
-    run = common.Run(cfg)
     data = common.load_dataset(cfg["dataset"], cfg["data_path"], cfg["vae"])
     role = cfg["role"]
+    teacher, init = load_teacher(cfg, data) if cfg["teacher"] else (None, None)
+    run = common.Run(cfg, RESUMABLE, data)                    # seeds every rank: the weights below are reproducible
     net = build_net(cfg, data, role)
-    teacher, velocity = None, None
+    velocity = None
     guidance = Measured(eta=cfg["eta"])          # eta "auto" is measured once and kept in the checkpoint
-    if cfg["teacher"]:
-        teacher, init = load_teacher(cfg, data)
+    if teacher is not None:
         dit.load_backbone(net, init)                                         # Alg. 1 l.1
         teacher = teacher.to(run.device)
 
@@ -470,31 +472,27 @@ def train(cfg, close=True):
     opt = common.make_optimizer("adamw", net.parameters(), cfg["lr"], weight_decay=cfg["weight_decay"])
     loader = common.Loader(data, run.batch_per_rank, run.dist, cfg["seed"], cfg["xflip"])
     state = dict(model=net, ema=ema, opt=opt, loader=loader, guidance=guidance)
-    start = run.restore(state)
+    start = run.start(state, "(flow-matching teacher, Eq. 3)" if role == "teacher" else
+                      f"(student: {','.join(cfg['losses'])})")
     if guidance["eta"] == "auto" and teacher is not None and cfg["w_cfg"] != 1 and cfg["velocity_norm"]:
         guidance["eta"] = calibrate_eta(teacher, data, cfg, run.device)
-        common.print0(f"eta = {guidance['eta']:.4g}: the teacher's mean RMS of v_cond - v_uncond (Alg. 1 l.6, "
-                      f"calibrated)")
-    run.save_config()
+        run.note(f"eta = {guidance['eta']:.4g}: the teacher's mean RMS of v_cond - v_uncond (Alg. 1 l.6, calibrated)")
     sample = samplers(ema.model, cfg, data, run.device)
+    main_loss = teacher_loss if role == "teacher" else cd_fm_loss
     held = {}                                 # the latest N2N update's figures, logged at every step
     for step in run.steps(start):
         x, y = loader.next()
-        y = y if cfg["class_cond"] else None
         with_n2n = role == "student" and "n2n" in cfg["losses"] and step % cfg["freq"] == 0   # l.17
-        batch = prepare(x, y, velocity, cfg, with_n2n)
+        batch = prepare(x, y if cfg["class_cond"] else None, velocity, cfg, with_n2n)
         losses = {}
-        if {"cd", "fm"} & set(cfg["losses"]):
-            with run.autocast():
-                losses = (teacher_loss if role == "teacher" else cd_fm_loss)(model, batch, y, cfg)
-            losses["grad_norm"] = run.update(opt, losses["loss"], net.parameters())   # l.15
-            ema.update(net, cfg["batch_size"])
-        if with_n2n:
-            with run.autocast():
-                n2n = n2n_fm_loss(model, velocity, batch, y, cfg)
-            n2n["grad_norm_n2n"] = run.update(opt, n2n.pop("loss"), net.parameters())   # l.28
-            ema.update(net, cfg["batch_size"])
-            held = n2n
+        if {"cd", "fm"} & set(cfg["losses"]):                                # l.15
+            losses = run.update(opt, net.parameters(), lambda b: main_loss(model, b, b["y"], cfg), batch,
+                                emas=[(ema, net)])
+        if with_n2n:                                                         # l.28
+            held = run.update(opt, net.parameters(), lambda b: n2n_fm_loss(model, velocity, b, b["y"], cfg),
+                              batch, emas=[(ema, net)])
+            held["grad_norm_n2n"] = held.pop("grad_norm")
+            held.pop("loss")
         run.log(step, {**losses, **held, **guidance.logged()})
         run.after_step(step, state, sample, data)
     run.finish(f"step{cfg['steps']}", sample, data, close)
@@ -502,25 +500,33 @@ def train(cfg, close=True):
 
 def train_teacher_first(cfg, argv):
     """Stage 1 when a student has no --teacher and --teacher-steps > 0: the FM teacher, trained by this
-    script with the same flags into OUT/teacher (resumed if a checkpoint is there, skipped once done),
+    script with the same flags into OUT/teacher (continued there with --resume, skipped once done),
     becomes the student's --teacher."""
     path = os.path.join(cfg["out"], "teacher", "ckpt.pt")
-    if not (os.path.isfile(path) and common.load_checkpoint(path, "decm")["step"] >= cfg["teacher_steps"]):
-        tcfg = parse_config(argv + ["--losses", "fm", "--steps", str(cfg["teacher_steps"]), "--out", os.path.dirname(path)])
-        tcfg.update(resume=os.path.isfile(path), fid=0)
+    exists = os.path.isfile(path)
+    if not (exists and common.load_checkpoint(path, "decm")["step"] >= cfg["teacher_steps"]):
+        if exists and not cfg["resume"]:
+            raise common.UserError(f"{os.path.dirname(path)} holds an unfinished teacher; continue it with --resume, "
+                                   f"or choose another --out")
+        args = [a for a in argv if a != "--resume"] + ["--resume"] * exists
+        tcfg = parse_config(args + ["--losses", "fm", "--steps", str(cfg["teacher_steps"]), "--out",
+                                    os.path.dirname(path)])
+        tcfg.update(fid=0)
         train(tcfg, close=False)                         # under torchrun the process group carries on
     cfg["teacher"] = path
+    cfg["resume"] = cfg["resume"] and os.path.isfile(os.path.join(cfg["out"], "ckpt.pt"))
     inherit_from_teacher(cfg, {})
 
 
 def sample_only(cfg):
-    """--sample-only: grids (and --fid, or the toy metric) from the EMA weights of --ckpt."""
-    run = common.Run(cfg)
+    """--sample-only: grids, --npz / --png-dir exports and the evaluation from the EMA weights of --ckpt."""
     data = common.load_dataset(cfg["dataset"], cfg["data_path"], cfg["vae"])
+    run = common.Run(cfg, data=data)
     ckpt = common.load_checkpoint(cfg["ckpt"], "decm")
     net = build_net(cfg, data, cfg["role"])
     net.load_state_dict(ckpt["ema"])
     sample = samplers(net.to(run.device).eval(), cfg, data, run.device)
+    run.export(sample, data)
     run.finish("sample", sample, data)
 
 
@@ -561,7 +567,7 @@ PRESETS = {
 
 
 def parse_losses(text):
-    names = [s.strip() for s in text.split(",") if s.strip()]
+    names = list(text) if isinstance(text, list) else [s.strip() for s in text.split(",") if s.strip()]
     bad = [n for n in names if n not in LOSS_NAMES]
     if bad or not names or len(set(names)) != len(names):
         raise common.UserError(f"--losses takes a comma list of {', '.join(LOSS_NAMES)} (e.g. fm,cd,n2n), got {text!r}")
@@ -626,39 +632,55 @@ def parse_config(argv=None):
       "cm (Fig. 5b), mix (Fig. 5c: Euler steps, then CM), mix-flowmap (flow-map steps, then CM), euler on "
       "F(x,t,t) (Fig. 5a); the main one picks per NFE")
     a("--mix-split", type=int, help="deterministic steps of the Mix sampler before its CM steps (default 1)")
-    args = p.parse_args(argv)
-    given = {k: v for k, v in vars(args).items() if v is not None}
-    cfg = common.resolve_config(args, "decm", DEFAULTS, PRESETS)
-    if not cfg["sample_only"]:
-        cfg["losses"] = parse_losses(cfg["losses"])
-        cfg["role"] = "teacher" if cfg["losses"] == ["fm"] and not cfg["teacher"] else "student"
-        for key, value in ROLE_DEFAULTS[cfg["role"]].items():
-            cfg[key] = value if cfg[key] is None else cfg[key]
-        if cfg["teacher"]:
-            inherit_from_teacher(cfg, given)
-        if cfg["w_cfg"] != 1.0 and cfg["role"] == "student" and not cfg["teacher"] and not cfg["teacher_steps"]:
-            raise common.UserError("--w-cfg guides a teacher: give --teacher or --teacher-steps > 0 "
-                                   "(from scratch, v_t = x - z has no guidance)")
-    arctan = cfg["t_schedule"] == "arctan"                      # FACM's (-0.8, 1.6) where the schedule is FACM's
-    cfg["t_mean"] = (-0.8 if arctan else 0.0) if cfg["t_mean"] is None else cfg["t_mean"]
-    cfg["t_std"] = (1.6 if arctan else 1.0) if cfg["t_std"] is None else cfg["t_std"]
-    if cfg["eta"] != "auto":
-        try:
-            cfg["eta"] = float(cfg["eta"])
-        except ValueError:
-            raise common.UserError(f"--eta takes a number or auto, got {cfg['eta']!r}") from None
-    checks = [(cfg["eta"] == "auto" or cfg["eta"] > 0, f"--eta must be > 0, got {cfg['eta']}"),(cfg["freq"] >= 1, f"--freq must be >= 1, got {cfg['freq']}"),
+
+    def resolve(args):
+        given = {k: v for k, v in vars(args).items() if v is not None}
+        cfg = common.resolve_config(args, "decm", DEFAULTS, PRESETS)
+        if not cfg["sample_only"]:
+            cfg["losses"] = parse_losses(cfg["losses"])
+            cfg["role"] = "teacher" if cfg["losses"] == ["fm"] and not cfg["teacher"] else "student"
+            for key, value in ROLE_DEFAULTS[cfg["role"]].items():
+                cfg[key] = value if cfg[key] is None else cfg[key]
+            if cfg["teacher"]:
+                inherit_from_teacher(cfg, given)
+            if cfg["w_cfg"] != 1.0 and cfg["role"] == "student" and not cfg["teacher"] and not cfg["teacher_steps"]:
+                raise common.UserError("--w-cfg guides a teacher: give --teacher or --teacher-steps > 0 "
+                                       "(from scratch, v_t = x - z has no guidance)")
+        arctan = cfg["t_schedule"] == "arctan"                  # FACM's (-0.8, 1.6) where the schedule is FACM's
+        cfg["t_mean"] = (-0.8 if arctan else 0.0) if cfg["t_mean"] is None else cfg["t_mean"]
+        cfg["t_std"] = (1.6 if arctan else 1.0) if cfg["t_std"] is None else cfg["t_std"]
+        if cfg["eta"] != "auto":
+            try:
+                cfg["eta"] = float(cfg["eta"])
+            except ValueError:
+                raise common.UserError(f"--eta takes a number or auto, got {cfg['eta']!r}") from None
+        check_config(cfg)
+        return cfg
+    return common.parse(p, argv, resolve)
+
+
+RESUMABLE = {"samplers", "mix_split"}   # what --resume may change besides common.RESUMABLE (sampling only)
+
+
+def check_config(cfg):
+    """DE-CM's own flags: one line for the first that is out of range."""
+    checks = [(cfg["eta"] == "auto" or cfg["eta"] > 0, f"--eta must be > 0, got {cfg['eta']}"),
+              (cfg["freq"] >= 1, f"--freq must be >= 1, got {cfg['freq']}"),
               (0 <= cfg["r_max"] < 1, f"--r-max must lie in [0, 1), got {cfg['r_max']}"),
               (cfg["segments"] >= 1, f"--segments must be >= 1, got {cfg['segments']}"),
               (cfg["mix_split"] >= 1, f"--mix-split must be >= 1, got {cfg['mix_split']}"),
               (cfg["teacher_steps"] >= 0, f"--teacher-steps must be >= 0, got {cfg['teacher_steps']}"),
               (cfg["t_std"] > 0, f"--t-std must be > 0, got {cfg['t_std']}"),
-              (min(cfg["nfe"]) >= 1, f"--nfe values must be >= 1, got {cfg['nfe']}"),
+              (cfg["lam"] >= 0 and cfg["gamma"] >= 0 and cfg["lam"] + cfg["gamma"] > 0,
+               f"--lam and --gamma must be >= 0, not both 0, got {cfg['lam']}, {cfg['gamma']}"),
+              (cfg["adaptive_c"] > 0 and cfg["adaptive_p"] >= 0, "--adaptive-c must be > 0 and --adaptive-p >= 0"),
+              (cfg["w_cfg"] >= 1, f"--w-cfg must be >= 1, got {cfg['w_cfg']}"),
+              (cfg["time_scale"] > 0, f"--time-scale must be > 0, got {cfg['time_scale']}"),
+              (0 <= cfg["class_dropout"] < 1, f"--class-dropout must lie in [0, 1), got {cfg['class_dropout']}"),
               (cfg["w_cfg"] == 1.0 or cfg["class_cond"], "--w-cfg needs a class-conditional model (--class-cond)")]
     for ok, message in checks:
         if not ok:
             raise common.UserError(message)
-    return cfg
 
 
 def main(argv=None):
@@ -667,6 +689,14 @@ def main(argv=None):
     if cfg["sample_only"]:
         return sample_only(cfg)
     if cfg["role"] == "student" and not cfg["teacher"] and cfg["teacher_steps"] > 0:
+        # the two stages are one run: --resume continues whichever was interrupted, and OUT is refused
+        # (before the teacher starts) if it already holds a finished run and --resume is missing
+        student, teacher = (os.path.join(cfg["out"], *p, "ckpt.pt") for p in ((), ("teacher",)))
+        if os.path.isfile(student) and not cfg["resume"]:
+            raise common.UserError(f"{cfg['out']} already holds a run ({student}); continue it with --resume, or "
+                                   f"choose another --out")
+        if cfg["resume"] and not (os.path.isfile(student) or os.path.isfile(teacher)):
+            raise common.UserError(f"--resume: there is no checkpoint {student} (or {teacher}) to continue")
         train_teacher_first(cfg, argv)
     return train(cfg)
 

@@ -112,19 +112,26 @@ def frozen(module):
     return call
 
 
-def direct_losses(v_model, w_model, x1, y, cfg):
-    """One step of Algorithm 1: both losses on one batch (the networks are independent, so one
-    backward of their sum updates each with its own gradient).
+def draw(x1, y, cfg):
+    """The random draws of one step of Algorithm 1, per sample, beside the data x1 and labels y: l.3 the
+    noise x0, l.5 t ~ U[0, 1], l.10 t' ~ U[dt, 1 - dt]. Drawn once for this rank's batch, so that cutting it
+    into micro-batches (--batch-gpu) changes nothing."""
+    dt = cfg["dt"]
+    n, dev = len(x1), x1.device
+    return dict(x1=x1, y=y, x0=torch.randn_like(x1), t=torch.rand(n, device=dev),
+                t_prime=dt + (1 - 2 * dt) * torch.rand(n, device=dev))
+
+
+def direct_losses(v_model, w_model, batch, cfg):
+    """One step of Algorithm 1 on a (micro-)batch of draws: both losses (the networks are independent, so
+    one backward of their sum updates each with its own gradient).
 
     Precision under --bf16 (common.py, "Precision"): the two gradient passes (v_theta on Eq. 15, w_nu at
     t' + dt) may run in bf16; the propagation target's passes run in fp32 (propagation_target)."""
-    x0 = torch.randn_like(x1)                                              # l.3: (x0, x1) ~ (mu_0, mu_1)
-    t = torch.rand(len(x1), device=x1.device)                              # l.5: t ~ U[0, 1]
-    dt = cfg["dt"]
-    t_prime = dt + (1 - 2 * dt) * torch.rand(len(x1), device=x1.device)    # l.10: t' ~ U[dt, 1 - dt]
-    L_cfm = cfm_loss(v_model, x1, x0, t, y)
-    L_prop = propagation_loss(w_model, v_model, x0, t_prime, dt, y, cfg["param"], cfg["stop_grad"],
-                              cfg["cfg_scale"])
+    x1, y, x0 = batch["x1"], batch["y"], batch["x0"]
+    L_cfm = cfm_loss(v_model, x1, x0, batch["t"], y)                                   # l.5-7
+    L_prop = propagation_loss(w_model, v_model, x0, batch["t_prime"], cfg["dt"], y, cfg["param"],
+                              cfg["stop_grad"], cfg["cfg_scale"])                      # l.10-12
     return {"loss": L_cfm + L_prop, "cfm": L_cfm.detach(), "prop": L_prop.detach()}
 
 
@@ -180,8 +187,8 @@ def build_models(cfg, data):
 
 
 def train(cfg):
-    run = common.Run(cfg)
     data = common.load_dataset(cfg["dataset"], cfg["data_path"], cfg["vae"])
+    run = common.Run(cfg, RESUMABLE, data)                    # seeds every rank: the weights below are reproducible
     v_net, w_net = (m.to(run.device) for m in build_models(cfg, data))
     v_model, w_model = run.wrap(v_net), run.wrap(w_net)
     ema_v, ema_w = common.make_ema(v_net, cfg), common.make_ema(w_net, cfg)
@@ -189,31 +196,29 @@ def train(cfg):
     opt = common.make_optimizer("adamw", params, cfg["lr"], weight_decay=cfg["weight_decay"])
     loader = common.Loader(data, run.batch_per_rank, run.dist, cfg["seed"], cfg["xflip"])
     state = dict(v=v_net, w=w_net, ema_v=ema_v, ema_w=ema_w, opt=opt, loader=loader)
-    start = run.restore(state)
-    run.save_config()
+    start = run.start(state, "(Direct Models: v_theta and w_nu)")
     sample = samplers(ema_v.model, ema_w.model, cfg, data, run.device)
     for step in run.steps(start):
         x1, y = loader.next()
-        with run.autocast():
-            losses = direct_losses(v_model, w_model, x1, y if cfg["class_cond"] else None, cfg)
-        losses["grad_norm"] = run.update(opt, losses["loss"], params)
-        ema_v.update(v_net, cfg["batch_size"])
-        ema_w.update(w_net, cfg["batch_size"])
+        batch = draw(x1, y if cfg["class_cond"] else None, cfg)
+        losses = run.update(opt, params, lambda b: direct_losses(v_model, w_model, b, cfg), batch,
+                            emas=[(ema_v, v_net), (ema_w, w_net)])
         run.log(step, losses)
         run.after_step(step, state, sample, data)
     run.finish(f"step{cfg['steps']}", sample, data)
 
 
 def sample_only(cfg):
-    """--sample-only: grids (and --fid, or the toy metric) from the EMA weights of --ckpt."""
-    run = common.Run(cfg)
+    """--sample-only: grids, --npz / --png-dir exports and the evaluation from the EMA weights of --ckpt."""
     data = common.load_dataset(cfg["dataset"], cfg["data_path"], cfg["vae"])
+    run = common.Run(cfg, data=data)
     ckpt = common.load_checkpoint(cfg["ckpt"], "direct")
     v_net, w_net = build_models(cfg, data)
     v_net.load_state_dict(ckpt["ema_v"])
     w_net.load_state_dict(ckpt["ema_w"])
     v_net, w_net = v_net.to(run.device).eval(), w_net.to(run.device).eval()
     sample = samplers(v_net, w_net, cfg, data, run.device)
+    run.export(sample, data)
     run.finish("sample", sample, data)
 
 
@@ -241,6 +246,9 @@ PRESETS = {
 }
 
 
+RESUMABLE = {"euler_steps"}            # what --resume may change besides common.RESUMABLE (evaluation only)
+
+
 def parse_config(argv=None):
     p = common.base_parser("direct", __doc__)
     a = p.add_argument
@@ -252,14 +260,23 @@ def parse_config(argv=None):
     a("--class-dropout", type=float, help="label dropout of v_theta (Table 5: 0.1 on ImageNet)")
     a("--weight-decay", type=float, help="AdamW weight decay (Table 5: 0)")
     a("--euler-steps", type=int, nargs="+", help="steps of the v_theta Euler baseline to evaluate (Table 1: 128 4 1)")
-    cfg = common.resolve_config(p.parse_args(argv), "direct", DEFAULTS, PRESETS)
-    if not 0 < cfg["dt"] < 0.5:
-        raise common.UserError(f"--dt must lie in (0, 0.5), got {cfg['dt']}")
-    if cfg["nfe"] != [1]:
-        raise common.UserError("the direct map is a one-step sampler: use --nfe 1 (--euler-steps for v_theta)")
-    if cfg["cfg_scale"] != 1.0 and not cfg["class_cond"]:
-        raise common.UserError("--cfg-scale needs a class-conditional model (--class-cond)")
-    return cfg
+
+    def resolve(args):
+        cfg = common.resolve_config(args, "direct", DEFAULTS, PRESETS)
+        if cfg["sample_only"] and args.euler_steps is None:
+            cfg["euler_steps"] = []               # sampling: the v_theta baseline only when asked for
+        if min(cfg["euler_steps"], default=1) < 1:
+            raise common.UserError(f"--euler-steps values must be >= 1, got {cfg['euler_steps']}")
+        if not 0 < cfg["dt"] < 0.5:
+            raise common.UserError(f"--dt must lie in (0, 0.5), got {cfg['dt']}")
+        if cfg["nfe"] != [1]:
+            raise common.UserError("the direct map is a one-step sampler: use --nfe 1 (--euler-steps for v_theta)")
+        if cfg["cfg_scale"] != 1.0 and not cfg["class_cond"]:
+            raise common.UserError("--cfg-scale needs a class-conditional model (--class-cond)")
+        if not 0 <= cfg["class_dropout"] < 1 or cfg["weight_decay"] < 0:
+            raise common.UserError("--class-dropout must lie in [0, 1) and --weight-decay be >= 0")
+        return cfg
+    return common.parse(p, argv, resolve)
 
 
 def main(argv=None):

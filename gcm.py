@@ -279,16 +279,23 @@ def time_aware_mmd(g_t, g_r, t, r, s, lam, m, sigma, time_factor="pair"):
     return (lam[:, :, None] * rows).sum((1, 2)) / m ** 2                      # (G,)
 
 
-def gcm_losses(model, x, y, cfg, eps):
-    """The training loss of one batch (Table 1, Sections 3.1-3.5): draw z and (t, s), then the l2-norm
-    loss (Eq. 39; mmd_group = 1), the time-aware MMD (Eq. 46) or the analytic Eq. (6).
+def draw(x, y, cfg):
+    """The random draws of one step, per sample, beside the data x and labels y: the noise z and (t, s,
+    weight) of sample_times (consecutive MMD groups of m samples). Drawn once for this rank's batch, so that
+    cutting it into micro-batches (--batch-gpu, a multiple of m) changes nothing."""
+    t, s, weight = sample_times(len(x), cfg, x.device)
+    return dict(x=x, y=y, z=torch.randn_like(x), t=t, s=s, weight=weight)
+
+
+def gcm_losses(model, batch, cfg, eps):
+    """The training loss of a (micro-)batch of draws (Table 1, Sections 3.1-3.5): the l2-norm loss (Eq. 39;
+    mmd_group = 1), the time-aware MMD (Eq. 46) or the analytic Eq. (6).
 
     Precision under --bf16 (common.py, "Precision"): only the gradient pass f(x_t, t, s) may run in bf16.
     The finite difference of Eq. (39) and the MMD particles are built from fp32 passes (flow_pair), and the
     analytic JVP of Eq. (6) runs in fp32 (common.jvp)."""
-    z = torch.randn_like(x)
-    t, s, weight = sample_times(len(x), cfg, x.device)
-    x_t, u = INTERP(x, z, t)                                                  # x_t = (1-t) x + t z, u_t = z - x
+    y, t, s, weight = batch["y"], batch["t"], batch["s"], batch["weight"]
+    x_t, u = INTERP(batch["x"], batch["z"], t)                               # x_t = (1-t) x + t z, u_t = z - x
 
     def f(xx, tt, ss):
         return f_theta(model, xx, tt, ss, cfg, y)
@@ -368,45 +375,41 @@ def build_model(cfg, data):
                                  time_scale=cfg["time_scale"], dropout=cfg["dropout"])
 
 
-def check_groups(cfg, batch_per_rank):
-    if batch_per_rank % cfg["mmd_group"]:
-        raise common.UserError(f"--mmd-group {cfg['mmd_group']} does not divide the per-rank batch {batch_per_rank}")
-
-
 def train(cfg):
-    run = common.Run(cfg)
-    check_groups(cfg, run.batch_per_rank)
     data = common.load_dataset(cfg["dataset"], cfg["data_path"], cfg["vae"])
+    run = common.Run(cfg, RESUMABLE, data)                    # seeds every rank: the weights below are reproducible
+    if run.batch_gpu % cfg["mmd_group"]:                # an MMD group never spans two micro-batches
+        raise common.UserError(f"--mmd-group {cfg['mmd_group']} does not divide the per-process micro-batch "
+                               f"{run.batch_gpu} (--batch-size / processes, or --batch-gpu)")
     net = build_model(cfg, data).to(run.device)
     model = run.wrap(net)
     ema = common.make_ema(net, cfg)
     opt = common.make_optimizer(cfg["optimizer"], net.parameters(), cfg["lr"], betas=tuple(cfg["betas"]))
     loader = common.Loader(data, run.batch_per_rank, run.dist, cfg["seed"], cfg["xflip"])
     state = dict(net=net, ema=ema, opt=opt, loader=loader)
-    start = run.restore(state)
-    run.save_config()
+    start = run.start(state, f"({cfg['variant'].upper()})")
     sample = samplers(ema.model, cfg, data, run.device)
     for step in run.steps(start):
         x, y = loader.next()
         eps = curriculum_eps(cfg, step)
-        with run.autocast():
-            losses = gcm_losses(model, x, y if cfg["class_cond"] else None, cfg, eps)
-        losses["grad_norm"] = run.update(opt, losses["loss"], net.parameters())
+        batch = draw(x, y if cfg["class_cond"] else None, cfg)
+        losses = run.update(opt, net.parameters(), lambda b: gcm_losses(model, b, cfg, eps), batch,
+                            emas=[(ema, net)])
         if cfg["curriculum"]:
             losses["eps"] = eps
-        ema.update(net, cfg["batch_size"])
         run.log(step, losses)
         run.after_step(step, state, sample, data)
     run.finish(f"step{cfg['steps']}", sample, data)
 
 
 def sample_only(cfg):
-    """--sample-only: grids (and --fid, or the toy metric) from the EMA weights of --ckpt."""
-    run = common.Run(cfg)
+    """--sample-only: grids, --npz / --png-dir exports and the evaluation from the EMA weights of --ckpt."""
     data = common.load_dataset(cfg["dataset"], cfg["data_path"], cfg["vae"])
+    run = common.Run(cfg, data=data)
     net = build_model(cfg, data)
     net.load_state_dict(common.load_checkpoint(cfg["ckpt"], "gcm")["ema"])
     sample = samplers(net.to(run.device).eval(), cfg, data, run.device)
+    run.export(sample, data)
     run.finish("sample", sample, data)
 
 
@@ -496,29 +499,38 @@ def parse_config(argv=None):
     a("--class-dropout", type=float, help="label dropout with --class-cond")
     a("--optimizer", choices=["radam", "adam", "adamw"], help="optimizer (App. G.1: RAdam)")
     a("--betas", type=float, nargs=2, help="optimizer betas (App. G.1: 0.9 0.999)")
-    args = p.parse_args(argv)
-    variant = args.variant or ("vu" if args.imagenet_latents or args.dataset == "imagenet-latents" else "cu")
-    presets = {"cifar10": PRESETS[f"cifar10-{variant}"], "imagenet-latents": PRESETS["imagenet-latents"],
-               "digits": PRESETS["digits"], "toy": PRESETS["toy"]}
-    cfg = common.resolve_config(args, "gcm", DEFAULTS, presets)
-    for k, v in VARIANT_DEFAULTS[cfg["variant"]].items():
-        if cfg[k] is None:
-            cfg[k] = v
-    if cfg["dist_a"] is None:
-        cfg["dist_a"], cfg["dist_b"] = {"sine": (1.0, 0.01), "cosh": (1.5, 0.0), "uniform": (0.0, 0.0)}[cfg["t_dist"]]
-    if cfg["eps"] is None:
-        cfg["eps"] = 0.005 if cfg["h"] == "exp" else matched_eps(cfg["h"], cfg["mu"])
-    check_config(cfg)
-    return cfg
+
+    def resolve(args):
+        variant = args.variant or ("vu" if args.imagenet_latents or args.dataset == "imagenet-latents" else "cu")
+        presets = {"cifar10": PRESETS[f"cifar10-{variant}"], "imagenet-latents": PRESETS["imagenet-latents"],
+                   "digits": PRESETS["digits"], "toy": PRESETS["toy"]}
+        cfg = common.resolve_config(args, "gcm", DEFAULTS, presets)
+        for k, v in VARIANT_DEFAULTS[cfg["variant"]].items():
+            if cfg[k] is None:
+                cfg[k] = v
+        if cfg["dist_a"] is None:
+            cfg["dist_a"], cfg["dist_b"] = {"sine": (1.0, 0.01), "cosh": (1.5, 0.0), "uniform": (0.0, 0.0)}[cfg["t_dist"]]
+        if cfg["eps"] is None:
+            cfg["eps"] = 0.005 if cfg["h"] == "exp" else matched_eps(cfg["h"], cfg["mu"])
+        check_config(cfg)
+        return cfg
+    return common.parse(p, argv, resolve)
+
+
+RESUMABLE = {"sampler", "t1"}           # what --resume may change besides common.RESUMABLE (sampling only)
 
 
 def check_config(cfg):
     fail = common.UserError
     if not 0 <= cfg["t0"] < cfg["t1"] < cfg["tT"] <= 1:
         raise fail(f"need 0 <= t0 < t1 < tT <= 1, got t0={cfg['t0']}, t1={cfg['t1']}, tT={cfg['tT']}")
-    for name in ("eps", "mu", "sigma_d", "nu", "mmd_sigma", "curriculum_eps0"):
+    for name in ("eps", "mu", "sigma_d", "nu", "mmd_sigma", "curriculum_eps0", "curriculum_every", "time_scale"):
         if not cfg[name] > 0:
             raise fail(f"--{name.replace('_', '-')} must be positive, got {cfg[name]}")
+    if cfg["gamma"] < 0 or cfg["lam"] < 0:
+        raise fail(f"--gamma and --lam of the Gamma weight must be >= 0, got {cfg['gamma']}, {cfg['lam']}")
+    if not (0 <= cfg["dropout"] < 1 and 0 <= cfg["class_dropout"] < 1):
+        raise fail("--dropout and --class-dropout must lie in [0, 1)")
     if cfg["mmd_group"] < 1:
         raise fail(f"--mmd-group must be at least 1, got {cfg['mmd_group']}")
     if cfg["t_dist"] in ("sine", "cosh") and cfg["dist_a"] == cfg["dist_b"]:

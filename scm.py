@@ -28,6 +28,7 @@ Ablations: --tangent clip|raw (Fig. 5a), --no-adaptive-weight (Fig. 5b), --discr
 sCM, App. E, Fig. 5c), --warmup-iters 0 (no tangent warmup), --time-scale / --adanorm (Section 4.1).
 """
 import argparse
+import functools
 import math
 
 import torch
@@ -187,22 +188,31 @@ def guided(cfg):
     return cfg["mode"] == "scd" and cfg["cfg_max"] > 1
 
 
-def scm_losses(model, weight_model, x0, y, step, cfg, teacher=None):
-    """One step of Algorithm 1 (sCT or sCD, continuous or discrete time). model is F_theta (DDP-wrapped in
-    multi-process runs), weight_model is w_phi, teacher is F_pretrain (sCD). Returns scalar tensors.
+def draw(x0, y, cfg):
+    """The random draws of one step of Algorithm 1, per sample, beside the data x0 and labels y: l.2 the
+    noise z ~ N(0, sigma_d^2 I) and the time t (with the grid neighbour t' in discrete time), and the
+    guidance scale w of Section 5.2. Drawn once for this rank's batch, so that cutting it into micro-batches
+    (--batch-gpu) changes nothing."""
+    z = cfg["sigma_d"] * torch.randn_like(x0)                              # l.2: z ~ N(0, sigma_d^2 I)
+    if cfg["discrete_steps"] and cfg["mode"] != "diffusion":
+        t, t_prev = sample_discrete_times(len(x0), cfg, x0.device)
+    else:
+        t, t_prev = sample_time(len(x0), cfg, x0.device), None              # l.2: t = arctan(e^tau / sigma_d)
+    return dict(x0=x0, y=y, z=z, t=t, t_prev=t_prev, scale=guidance_scale(len(x0), cfg, x0.device))
+
+
+def scm_losses(model, weight_model, batch, step, cfg, teacher=None):
+    """One step of Algorithm 1 (sCT or sCD, continuous or discrete time) on a (micro-)batch of draws.
+    model is F_theta (DDP-wrapped in multi-process runs), weight_model is w_phi, teacher is F_pretrain
+    (sCD). Returns scalar tensors.
 
     Precision under --bf16 (common.py, "Precision"): the gradient pass F_theta and w_phi may run in bf16;
     the tangent g may not: the JVP runs in fp32 (common.jvp), and so do the teacher velocity (it is
     subtracted from sigma_d F_minus) and, in discrete time, both F_minus evaluations of the finite
     difference, which is divided by sin(t - t')."""
     sigma_d = cfg["sigma_d"]
-    z = sigma_d * torch.randn_like(x0)                                     # l.2: z ~ N(0, sigma_d^2 I)
-    if cfg["discrete_steps"]:
-        t, t_prev = sample_discrete_times(len(x0), cfg, x0.device)
-    else:
-        t = sample_time(len(x0), cfg, x0.device)                            # l.2: t = arctan(e^tau / sigma_d)
-    x_t, v_t = common.TrigFlow(sigma_d)(x0, z, t)                           # l.3
-    scale = guidance_scale(len(x0), cfg, x0.device)
+    x0, y, t, t_prev, scale = batch["x0"], batch["y"], batch["t"], batch["t_prev"], batch["scale"]
+    x_t, v_t = common.TrigFlow(sigma_d)(x0, batch["z"], t)                 # l.3
     if cfg["mode"] == "sct":
         dxdt = v_t                                                          # l.4: cos t z - sin t x0
     else:
@@ -240,11 +250,9 @@ def scm_losses(model, weight_model, x0, y, step, cfg, teacher=None):
             "g_rms": g_rms.mean().detach(), "r": torch.tensor(r)}
 
 
-def teacher_losses(model, x0, y, cfg):
-    """The diffusion teacher: Eq. (4) with the same log-normal time proposal."""
-    z = cfg["sigma_d"] * torch.randn_like(x0)
-    t = sample_time(len(x0), cfg, x0.device)
-    loss = diffusion_loss(model, x0, z, t, cfg["sigma_d"], y)
+def teacher_losses(model, batch, cfg):
+    """The diffusion teacher: Eq. (4) with the same log-normal time proposal (the draws of `draw`)."""
+    loss = diffusion_loss(model, batch["x0"], batch["z"], batch["t"], cfg["sigma_d"], batch["y"])
     return {"loss": loss}
 
 
@@ -362,7 +370,7 @@ def train(cfg):
         if not (tcfg["class_cond"] and tcfg["class_dropout"] > 0):
             raise common.UserError(f"--cfg-max {cfg['cfg_max']} needs a class-conditional teacher trained with "
                                    f"label dropout (--class-cond --class-dropout P); {cfg['teacher']} is not")
-    run = common.Run(cfg)                                      # seeds every rank: the weights below are reproducible
+    run = common.Run(cfg, RESUMABLE, data)                           # seeds every rank: the weights below are reproducible
     net = build_net(cfg, data)
     if "init" in pretrained:
         init_from(net, *pretrained["init"], cfg)
@@ -385,32 +393,31 @@ def train(cfg):
     opt = common.make_optimizer(cfg["optimizer"], params, cfg["lr"], tuple(cfg["betas"]), cfg["adam_eps"])
     loader = common.Loader(data, run.batch_per_rank, run.dist, cfg["seed"], cfg["xflip"])
     state.update(ema=ema, opt=opt, loader=loader)
-    start = run.restore(state)
-    run.save_config()
+    start = run.start(state, {"diffusion": "(TrigFlow diffusion teacher, Eq. 4)", "sct": "(sCT)",
+                              "scd": "(sCD)"}[cfg["mode"]])
     sample = samplers(ema.model, cfg, data, run.device)
     for step in run.steps(start):
         x0, y = loader.next()
-        y = y if cfg["class_cond"] else None
-        with run.autocast():
-            if cfg["mode"] == "diffusion":
-                losses = teacher_losses(model, x0, y, cfg)
-            else:
-                losses = scm_losses(model, weight_model, x0, y, step, cfg, teacher)
-        losses["grad_norm"] = run.update(opt, losses["loss"], params)
-        ema.update(net, cfg["batch_size"])
+        batch = draw(x0, y if cfg["class_cond"] else None, cfg)
+        if cfg["mode"] == "diffusion":
+            loss_fn = functools.partial(teacher_losses, model, cfg=cfg)
+        else:
+            loss_fn = functools.partial(scm_losses, model, weight_model, step=step, cfg=cfg, teacher=teacher)
+        losses = run.update(opt, params, loss_fn, batch, emas=[(ema, net)])
         run.log(step, losses)
         run.after_step(step, state, sample, data)
     run.finish(f"step{cfg['steps']}", sample, data)
 
 
 def sample_only(cfg):
-    """--sample-only: grids (and --fid, or the toy metric) from the EMA weights of --ckpt."""
-    run = common.Run(cfg)
+    """--sample-only: grids, --npz / --png-dir exports and the evaluation from the EMA weights of --ckpt."""
     data = common.load_dataset(cfg["dataset"], cfg["data_path"], cfg["vae"])
+    run = common.Run(cfg, data=data)
     ckpt = common.load_checkpoint(cfg["ckpt"], "scm")
     net = build_net(cfg, data)
     net.load_state_dict(ckpt["ema"])
     sample = samplers(net.to(run.device).eval(), cfg, data, run.device)
+    run.export(sample, data)
     run.finish("sample", sample, data)
 
 
@@ -500,11 +507,16 @@ def parse_config(argv=None):
     a("--optimizer", choices=["adam", "adamw", "radam"], help="App. G: RAdam for sCT/sCD, Adam for the teacher")
     a("--betas", type=float, nargs=2, help="optimizer betas (App. G students: 0.9 0.99)")
     a("--adam-eps", type=float, help="optimizer epsilon (App. G: 1e-8)")
-    args = p.parse_args(argv)
-    mode = args.mode or DEFAULTS["mode"]
-    cfg = common.resolve_config(args, "scm", DEFAULTS, {k: v[mode] for k, v in PRESETS.items()})
-    check_config(cfg)
-    return cfg
+
+    def resolve(args):
+        mode = args.mode or DEFAULTS["mode"]
+        cfg = common.resolve_config(args, "scm", DEFAULTS, {k: v[mode] for k, v in PRESETS.items()})
+        check_config(cfg)
+        return cfg
+    return common.parse(p, argv, resolve)
+
+
+RESUMABLE = {"mid_times", "cfg_scale"}  # what --resume may change besides common.RESUMABLE (sampling only)
 
 
 def check_config(cfg):
@@ -527,6 +539,16 @@ def check_config(cfg):
         bad("--init starts a consistency model from a teacher; --mode diffusion trains the teacher itself")
     if cfg["sigma_d"] <= 0 or cfg["P_std"] <= 0:
         bad("--sigma-d and --P-std must be positive")
+    if not cfg["tangent_c"] >= 0:
+        bad(f"--tangent-c must be >= 0 (the c of g / (||g|| + c)), got {cfg['tangent_c']}")
+    if cfg["warmup_iters"] < 0:
+        bad(f"--warmup-iters must be >= 0 (0: no warmup), got {cfg['warmup_iters']}")
+    if not cfg["time_scale"] > 0 or not cfg["adam_eps"] > 0:
+        bad("--time-scale and --adam-eps must be positive")
+    if not (0 <= cfg["dropout"] < 1 and 0 <= cfg["class_dropout"] < 1):
+        bad("--dropout and --class-dropout must lie in [0, 1)")
+    if not all(0 <= b < 1 for b in cfg["betas"]):
+        bad(f"--betas must lie in [0, 1), got {cfg['betas']}")
     if cfg["discrete_steps"] < 0 or (cfg["discrete_steps"] and mode == "diffusion"):
         bad("--discrete-steps N (N > 0) applies to --mode sct/scd")
     if not 0 < cfg["sigma_min"] < cfg["sigma_max"]:

@@ -93,6 +93,8 @@ def check_ddp_step(run_torchrun, tmp_path, method, variants=("default",)):
             assert r["max_dev_from_mean_grad"] < 1e-6 + 1e-5 * r["step_size"], (variant, r)
             assert all(m > 0 for m in r["moved_per_net"]), (variant, r)      # every trained network moved
         assert r0["loss_differs_across_ranks"], variant                       # ranks had different batches
+        for r in (r0, r1):                                                    # --batch-gpu: the same update
+            assert r["accumulation_max_dev"] < 1e-6 + 1e-5 * r["accumulation_step"], (variant, r)
 
 
 def run_cli(main, argv, capsys):

@@ -134,7 +134,7 @@ def test_toy_run_beats_the_prior_and_nears_flow_matching(tmp_path):
 
 def test_one_dit_image_step(tmp_path, cifar_root):
     out = tmp_path / "img"
-    direct.main(["--dataset", "cifar10", "--data-path", cifar_root, "--model", "DiT-T/2", "--steps", "2",
+    direct.main(["--dataset", "cifar10", "--data-path", cifar_root, "--eval-samples", "8", "--model", "DiT-T/2", "--steps", "2",
                  "--batch-size", "4", "--n", "4", "--euler-steps", "2", "--log-every", "1", "--out", str(out)])
     log = [json.loads(l) for l in open(out / "log.jsonl")]
     assert len(log) == 2 and all(np.isfinite(r["loss"]) for r in log)
@@ -162,7 +162,7 @@ def test_ddp_step(tmp_path, run_torchrun):
     (["--dataset", "moons", "--dt", "0.7"], "--dt must lie in"),
     (["--dataset", "moons", "--nfe", "2"], "one-step sampler"),
     (["--dataset", "moons", "--model", "DiT-T/2"], "square images"),
-    (["--dataset", "moons", "--resume", "--out", "/nonexistent/run"], "checkpoint not found"),
+    (["--dataset", "moons", "--resume", "--out", "/nonexistent/run"], "no checkpoint"),
     (["--sample-only", "--ckpt", "/nonexistent.pt"], "checkpoint not found"),
 ])
 def test_bad_input_is_one_line(args, message, capsys):

@@ -83,8 +83,13 @@ def test_config_precedence():
 
 def tiny_run(tmp_path, **over):
     cfg = {**common.COMMON_DEFAULTS, "method": "demo", "dataset": "moons", "out": str(tmp_path / "run"),
-           "batch_size": 8, "log_every": 2, "steps": 4, **over}
+           "batch_size": 8, "log_every": 2, "steps": 4, "ema_decay": 0.9, **over}
     return common.Run(cfg)
+
+
+def linear_update(run, opt, model, x, scale=1.0, emas=()):
+    """One guarded update of a linear model on the loss scale * sum(model(x))."""
+    return run.update(opt, model.parameters(), lambda b: {"loss": scale * model(b["x"]).sum()}, {"x": x}, emas)
 
 
 def test_update_skips_non_finite_steps(tmp_path):
@@ -93,28 +98,67 @@ def test_update_skips_non_finite_steps(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     before = [p.detach().clone() for p in model.parameters()]
     x = torch.randn(8, 2)
-    run.update(opt, model(x).sum() * float("nan"), model.parameters())
+    linear_update(run, opt, model, x, float("nan"))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and run.skips == 1
-    run.update(opt, model(x).sum(), model.parameters())
+    linear_update(run, opt, model, x)
     assert run.skips == 0 and run.skipped_total == 1
     assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     for _ in range(2):
-        run.update(opt, model(x).sum() * float("inf"), model.parameters())
-    with pytest.raises(common.RunError, match="3 consecutive non-finite steps"):
-        run.update(opt, model(x).sum() * float("nan"), model.parameters())
+        linear_update(run, opt, model, x, float("inf"))
+    with pytest.raises(common.RunError, match="3 consecutive non-finite updates.*no checkpoint was written"):
+        linear_update(run, opt, model, x, float("nan"))
+
+
+def test_an_overflowing_step_is_rolled_back(tmp_path):
+    """A finite loss and gradient whose optimizer step overflows the weights: the step is undone (weights and
+    optimizer state as before it), counted as skipped, and the EMA is not touched."""
+    run = tiny_run(tmp_path)
+    model = torch.nn.Linear(2, 1)
+    ema = common.EMA(model, decay=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+    x = torch.randn(8, 2)
+    linear_update(run, opt, model, x, emas=[(ema, model)])          # creates the momentum state
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = {k: v.clone() for k, v in opt.state[model.weight].items()}
+    ema_before = [p.clone() for p in ema.model.parameters()]
+    opt.param_groups[0]["lr"] = 1e30                                # gradient ~1e10, step ~1e40: overflow
+    linear_update(run, opt, model, x, 1e10, emas=[(ema, model)])
+    assert run.skips == 1 and run.skipped_total == 1
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    assert all(torch.equal(state[k], v) for k, v in opt.state[model.weight].items())
+    assert all(torch.equal(a, b) for a, b in zip(ema_before, ema.model.parameters()))
+    opt.param_groups[0]["lr"] = 1e-2
+    linear_update(run, opt, model, x, emas=[(ema, model)])          # and training goes on
+    assert run.skips == 0 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_micro_batches_accumulate_to_the_full_batch(tmp_path):
+    """--batch-gpu: the update from 4 micro-batches equals the update from the whole batch (float tolerance)."""
+    x = torch.randn(8, 3)
+    results = []
+    for micro in (8, 2):
+        run = tiny_run(tmp_path, batch_gpu=micro)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        out = run.update(opt, model.parameters(), lambda b: {"loss": model(b["x"]).pow(2).mean()}, {"x": x})
+        results.append(([p.detach().clone() for p in model.parameters()], float(out["loss"])))
+    (full, loss_full), (acc, loss_acc) = results
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(full, acc)) and abs(loss_full - loss_acc) < 1e-6
 
 
 def test_update_clips_gradients(tmp_path):
     run = tiny_run(tmp_path, grad_clip=0.5)
     w = torch.nn.Parameter(torch.zeros(4))
     opt = torch.optim.SGD([w], lr=1.0)
-    gnorm = run.update(opt, (w * torch.tensor([3.0, 4.0, 0.0, 0.0])).sum(), [w])
-    assert abs(float(gnorm) - 5.0) < 1e-6                                  # reported before clipping
+    out = run.update(opt, [w], lambda b: {"loss": (w * torch.tensor([3.0, 4.0, 0.0, 0.0])).sum()}, {"x": torch.ones(8)})
+    assert abs(float(out["grad_norm"]) - 5.0) < 1e-6                      # reported before clipping
     assert torch.allclose(w.detach(), -0.5 * torch.tensor([0.6, 0.8, 0.0, 0.0]))
 
 
 def test_log_records(tmp_path):
     run = tiny_run(tmp_path)
+    os.makedirs(tmp_path / "run")
     for step in range(4):
         run.log(step, {"loss": torch.tensor(float(step)), "grad_norm": torch.tensor(1.0)})
     recs = [json.loads(l) for l in open(tmp_path / "run" / "log.jsonl")]
@@ -126,6 +170,7 @@ def test_log_records(tmp_path):
 def test_checkpoint_restore_and_nan_guard(tmp_path):
     run = tiny_run(tmp_path)
     model = torch.nn.Linear(2, 2)
+    run.start({"model": model})
     run.checkpoint(5, {"model": model})
     good = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
@@ -133,6 +178,7 @@ def test_checkpoint_restore_and_nan_guard(tmp_path):
     run.checkpoint(6, {"model": model})                                  # refused: non-finite
     ckpt = common.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"), "demo")
     assert ckpt["step"] == 5 and torch.equal(ckpt["model"]["weight"], good["weight"])
+    run._release_signals()
     run2 = tiny_run(tmp_path, resume=True)
     fresh = torch.nn.Linear(2, 2)
     assert run2.restore({"model": fresh}) == 5
@@ -141,6 +187,7 @@ def test_checkpoint_restore_and_nan_guard(tmp_path):
 
 def test_rng_restore_continues_the_stream(tmp_path):
     run = tiny_run(tmp_path)
+    os.makedirs(tmp_path / "run")
     torch.manual_seed(7)
     run.checkpoint(1, {})
     expected = torch.rand(5)
@@ -160,10 +207,12 @@ def test_images_written(tmp_path):
     assert img.shape == (384, 384, 3) and (img < 250).any() and (img == 255).any()
 
 
-def test_cli_reports_user_errors_in_one_line():
-    code = "import common\ndef main(argv):\n    raise common.UserError('bad input here')\ncommon.cli(main)\n"
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    assert res.returncode == 2 and res.stderr.strip() == "error: bad input here"
+def test_cli_reports_user_errors_in_one_line(capsys):
+    def main(argv):
+        raise common.UserError("bad input here")
+    with pytest.raises(SystemExit) as e:
+        common.cli(main)
+    assert e.value.code == 2 and capsys.readouterr().err.strip() == "error: bad input here"
 
 
 def test_common_cli_commands_fail_cleanly(tmp_path):

@@ -301,7 +301,7 @@ def test_guided_student_starts_as_the_teacher(labelled_teacher, tmp_path):
 
 @pytest.mark.parametrize("variant", ["sct", "scd-cfg-discrete"])
 def test_one_dit_image_step(variant, tmp_path, cifar_root):
-    base = ["--dataset", "cifar10", "--data-path", cifar_root, "--model", "DiT-T/2", "--batch-size", "4", "--n", "4",
+    base = ["--dataset", "cifar10", "--data-path", cifar_root, "--eval-samples", "8", "--model", "DiT-T/2", "--batch-size", "4", "--n", "4",
             "--log-every", "1"]
     args = base + ["--steps", "2", "--out", str(tmp_path / "img")]
     if variant != "sct":
@@ -365,7 +365,7 @@ def other_checkpoints(tmp_path_factory, labelled_teacher):
     (["--dataset", "moons", "--cfg-scale", "1.5"], "needs a guided model"),
     (["--dataset", "moons", "--nfe", "4", "--mid-times", "1.1"], "needs 3 --mid-times"),
     (["--dataset", "moons", "--mid-times", "0.5", "1.0"], "must decrease"),
-    (["--dataset", "moons", "--resume", "--out", "/nonexistent/run"], "checkpoint not found"),
+    (["--dataset", "moons", "--resume", "--out", "/nonexistent/run"], "no checkpoint"),
     (["--sample-only", "--ckpt", "/nonexistent.pt"], "checkpoint not found"),
 ])
 def test_bad_input_is_one_line(args, message, other_checkpoints, capsys, tmp_path):

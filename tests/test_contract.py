@@ -1,0 +1,344 @@
+"""The contract of every method script (README, "When things go wrong"): bad input is one line and exit code
+2 with nothing left behind; stop signals checkpoint and resume bit-identically (one process, and two under
+torchrun); non-finite updates never replace a good checkpoint; killed processes' temporary files are
+cleaned up; log.jsonl holds each step once; --resume refuses changes to what a checkpoint holds; data
+files never run code."""
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import decm
+import direct
+import gcm
+import scm
+from conftest import ROOT, assert_states_equal, free_port, load_state, run_cli, write_cifar_fixture
+
+MAINS = {"direct": direct.main, "gcm": gcm.main, "scm": scm.main, "decm": decm.main}
+TOY = ["--dataset", "moons", "--eval-samples", "64", "--log-every", "10"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: one line, exit 2, no traceback, nothing created
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    """Data and checkpoint files for the table below, made once."""
+    root = tmp_path_factory.mktemp("bad")
+    files = {"file": root / "a_file.txt"}
+    files["file"].write_text("not a folder")
+    # a checkpoint of each kind: an existing run (direct, moons), an sCM student (not a teacher), junk
+    run = root / "existing"
+    cfg = direct.parse_config(["--dataset", "moons", "--out", str(run)])
+    common.save_checkpoint(str(run / "ckpt.pt"), {"cfg": cfg, "step": 3})
+    files["run"] = run
+    scm_cfg = scm.parse_config(["--dataset", "moons", "--out", str(root / "s")])
+    common.save_checkpoint(str(root / "sct.pt"), {"cfg": scm_cfg, "step": 1})
+    files["sct"] = root / "sct.pt"
+    files["junk"] = root / "junk.pt"
+    files["junk"].write_bytes(b"\x00 not a zip archive")
+    # CIFAR-10: a good copy, then broken variants of data_batch_1
+    for name, breakage in (("cifar_ok", None), ("cifar_text", b"plain text, not a pickle"),
+                           ("cifar_shape", "shape"), ("cifar_labels", "labels"), ("cifar_evil", "evil")):
+        folder = root / name
+        write_cifar_fixture(str(folder))
+        batch_path = folder / "cifar-10-batches-py" / "data_batch_1"
+        if breakage == "shape":
+            batch_path.write_bytes(pickle.dumps({b"data": np.zeros((6, 100), np.uint8), b"labels": [0] * 6}, 2))
+        elif breakage == "labels":
+            batch_path.write_bytes(pickle.dumps({b"data": np.zeros((6, 3072), np.uint8), b"labels": [12] * 6}, 2))
+        elif breakage == "evil":
+            batch_path.write_bytes(pickle.dumps(Evil(str(root / "pwned")), 2))
+        elif breakage:
+            batch_path.write_bytes(breakage)
+        files[name] = folder
+    # latent shards: good ones, then broken variants
+    for name in ("lat_json", "lat_keys", "lat_shard", "lat_labels"):
+        folder = root / name
+        make_latents(folder)
+        meta = json.load(open(folder / "meta.json"))
+        if name == "lat_json":
+            (folder / "meta.json").write_text("{not json")
+        elif name == "lat_keys":
+            del meta["shards"]
+            (folder / "meta.json").write_text(json.dumps(meta))
+        elif name == "lat_shard":
+            torch.save([torch.zeros(3)], folder / meta["shards"][0]["file"])
+        else:
+            torch.save({"latents": torch.zeros(5, 4, 8, 8, dtype=torch.float16), "labels": torch.full((5,), 99)},
+                       folder / meta["shards"][0]["file"])
+    files.update({k: root / k for k in ("lat_json", "lat_keys", "lat_shard", "lat_labels")})
+    return files
+
+
+class Evil:
+    """A pickle whose loading would create a file (any code could run in its place)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def make_latents(folder):
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(5, 4, 8, 8, generator=g), torch.randint(0, 7, (5,), generator=g))]
+    common.write_latent_shards(str(folder), batches, (4, 8, 8), 7, "x", 0.18215, 64, shard_size=5)
+
+
+def bad_inputs(f):
+    """(method, argv, part of the message) for at least 40 bad inputs; f: the files of `bad_files`."""
+    return [
+        ("direct", ["--lr", "0"], "--lr must be a finite number > 0"),
+        ("direct", ["--lr", "nan"], "--lr must be a finite number > 0"),
+        ("direct", ["--lr", "inf"], "--lr must be a finite number > 0"),
+        ("gcm", ["--lr=-1e-3"], "--lr must be"),
+        ("direct", ["--steps", "-1"], "--steps must be >= 0"),
+        ("direct", ["--log-every", "0"], "--log-every must be >= 1"),
+        ("scm", ["--ckpt-every", "0"], "--ckpt-every must be >= 1"),
+        ("gcm", ["--sample-every", "0"], "--sample-every must be >= 1"),
+        ("direct", ["--snapshot-every", "0"], "--snapshot-every must be >= 1"),
+        ("direct", ["--keep", "0"], "--keep must be >= 1"),
+        ("decm", ["--n", "0"], "--n must be >= 1"),
+        ("gcm", ["--nfe", "1", "0"], "--nfe values must be >= 1"),
+        ("direct", ["--max-skips", "0"], "--max-skips must be >= 1"),
+        ("direct", ["--batch-size", "0"], "--batch-size must be >= 1"),
+        ("direct", ["--batch-size", "8", "--batch-gpu", "3"], "--batch-gpu 3 does not divide"),
+        ("direct", ["--eval-samples", "-1"], "--eval-samples must be >= 0"),
+        ("direct", ["--threads", "0"], "--threads must be >= 1"),
+        ("direct", ["--ema-decay", "1.5"], "--ema-decay must lie in [0, 1)"),
+        ("direct", ["--grad-clip", "-1"], "--grad-clip must be >= 0"),
+        ("direct", ["--device", "cuda"], "no CUDA device"),
+        ("direct", ["--out", str(f["file"])], "is a file, not a folder"),
+        ("direct", ["--out", str(f["run"])], "already holds a run"),
+        ("gcm", ["--resume"], "no checkpoint"),
+        ("direct", ["--out", str(f["run"]), "--resume", "--model", "DiT-T/2"], "started with other settings"),
+        ("direct", ["--out", str(f["run"]), "--resume", "--batch-size", "64"], "--batch-size 256 -> 64"),
+        ("direct", ["--model", "DiT-T/2"], "square images"),
+        ("direct", ["--model", "ResNet"], "unknown model"),
+        ("direct", ["--dataset", "mnist"], "invalid choice"),
+        ("direct", ["--no-such-flag"], "unrecognized arguments"),
+        ("direct", ["--class", "3"], "unconditional"),
+        ("direct", ["--npz", "x.npz"], "--npz / --png-dir export samples with --sample-only"),
+        ("scm", ["--tangent-c", "-1"], "--tangent-c must be >= 0"),
+        ("scm", ["--mode", "scd"], "needs --teacher"),
+        ("scm", ["--mode", "scd", "--teacher", str(f["sct"])], "must be a diffusion model"),
+        ("scm", ["--mode", "scd", "--teacher", str(f["junk"])], "not a readable checkpoint"),
+        ("gcm", ["--mmd-group", "3"], "--mmd-group 3 does not divide"),
+        ("gcm", ["--eps", "0"], "--eps must be positive"),
+        ("decm", ["--freq", "0"], "--freq must be >= 1"),
+        ("decm", ["--eta", "abc"], "--eta takes a number or auto"),
+        ("decm", ["--losses", "fm,xyz"], "--losses takes a comma list"),
+        ("decm", ["--teacher", str(f["sct"])], "written by scm.py, not decm.py"),
+        ("direct", ["--dt", "0.7"], "--dt must lie in (0, 0.5)"),
+        ("direct", ["--nfe", "2"], "one-step sampler"),
+    ] + [(m, ["--dataset", ds, "--data-path", str(f[key]), "--model", "DiT-T/2"], msg) for m, ds, key, msg in (
+        ("direct", "cifar10", "cifar_text", "is not a CIFAR-10 batch"),
+        ("gcm", "cifar10", "cifar_shape", "must be a uint8 array of shape [n, 3072]"),
+        ("direct", "cifar10", "cifar_labels", "integers in 0..9"),
+        ("direct", "cifar10", "cifar_evil", "is not allowed in a CIFAR-10 batch"),
+        ("direct", "imagenet-latents", "lat_json", "is not JSON"),
+        ("direct", "imagenet-latents", "lat_keys", "lacks shards"),
+        ("scm", "imagenet-latents", "lat_shard", "is not a dict with latents"),
+        ("direct", "imagenet-latents", "lat_labels", "labels must lie in 0..6"),
+    )]
+
+
+def test_bad_inputs_are_one_line_with_nothing_left(bad_files, tmp_path, capsys):
+    cases = bad_inputs(bad_files)
+    assert len(cases) >= 40
+    before = {str(p): sorted(os.listdir(p)) for p in (bad_files["run"],)}
+    failures = []
+    for method, argv, message in cases:
+        out = tmp_path / f"out-{len(failures)}"
+        args = (["--dataset", "moons"] if "--dataset" not in argv else []) + argv
+        if "--out" not in args:
+            args += ["--out", str(out)]
+        code, err = run_cli(MAINS[method], args, capsys)
+        if not (code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+                and not out.exists()):
+            failures.append(f"{method} {' '.join(argv)} -> exit {code}, {err[:3]}, out left: {out.exists()}")
+    print("\n".join(f"{m} {' '.join(a)}: {msg}" for m, a, msg in cases))
+    assert not failures, "\n".join(failures)
+    assert {str(p): sorted(os.listdir(p)) for p in (bad_files["run"],)} == before
+    assert not (bad_files["cifar_evil"].parent / "pwned").exists()          # the pickle's payload never ran
+
+
+def test_restricted_unpickler_refuses_code(tmp_path):
+    """A CIFAR-10 batch whose pickle calls a function (os.system here) is refused before the call runs."""
+    marker = tmp_path / "ran"
+
+    class System:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1], b"x": System()}, 2))
+    with pytest.raises(common.UserError, match="posix.system is not allowed|os.system is not allowed"):
+        common.read_cifar_batch(str(path))
+    assert not marker.exists()
+    with open(path, "rb") as f:                                   # (plain pickle would have run it)
+        assert pickle.load(f)[b"x"] == 0 and marker.exists()
+
+
+def test_latent_nan_is_one_line(tmp_path):
+    folder = tmp_path / "lat"
+    make_latents(folder)
+    meta = json.load(open(folder / "meta.json"))
+    lat = torch.zeros(5, 4, 8, 8, dtype=torch.float16)
+    lat[3, 0, 0, 0] = float("nan")
+    torch.save({"latents": lat, "labels": torch.zeros(5, dtype=torch.int64)}, folder / meta["shards"][0]["file"])
+    data = common.load_dataset("imagenet-latents", str(folder))
+    with pytest.raises(common.UserError, match="latent 3 holds NaN"):
+        data.get(torch.arange(5))
+
+
+# ----------------------------------------------------------------------------------------------
+# The non-finite guard
+
+def test_lr_1e30_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    direct.main(TOY + ["--steps", "20", "--ckpt-every", "20", "--out", str(out)])
+    good = (out / "ckpt.pt").read_bytes()
+    code, err = run_cli(direct.main, TOY + ["--steps", "200", "--ckpt-every", "5", "--max-skips", "8", "--lr", "1e30",
+                                            "--out", str(out), "--resume"], capsys)
+    print(err)
+    assert code == 1 and len(err) == 1
+    assert f"the last good checkpoint is {out / 'ckpt.pt'} (step 20)" in err[0]
+    assert (out / "ckpt.pt").read_bytes() == good
+    records = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert records[-1]["skipped"] >= 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Stop signals, exact resume
+
+def start_run(args, env=None):
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def wait_for_log(path, proc, timeout=120):
+    t0 = time.time()
+    while not (path.exists() and path.stat().st_size > 0):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < timeout
+        time.sleep(0.05)
+
+
+SIGNAL_RUN = ["direct.py", "--dataset", "moons", "--steps", "400", "--log-every", "5", "--ckpt-every", "1000",
+              "--eval-samples", "64", "--batch-size", "64"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sig") / "full"
+    res = subprocess.run([sys.executable, *SIGNAL_RUN, "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    return load_state(out / "ckpt.pt")
+
+
+def without_cfg(state):
+    return {k: v for k, v in state.items() if k != "cfg"}
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1", "SIGINT"])
+def test_signal_checkpoints_and_resumes_bit_identically(name, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    proc = start_run(SIGNAL_RUN + ["--out", str(out)])
+    wait_for_log(out / "log.jsonl", proc)
+    proc.send_signal(getattr(signal, name))
+    _, err = proc.communicate(timeout=120)
+    lines = [line for line in err.strip().splitlines() if "Warning" not in line and "warn" not in line]
+    sig = getattr(signal, name)
+    assert proc.returncode == 128 + sig, err[-2000:]
+    assert lines[-1].startswith(f"stopped: {name} after step ") and "continue with --resume" in lines[-1], lines
+    assert "Traceback" not in err
+    step = int(lines[-1].split("after step ")[1].split(":")[0])
+    assert 0 < step < 400 and load_state(out / "ckpt.pt")["step"] == step
+    res = subprocess.run([sys.executable, *SIGNAL_RUN, "--out", str(out), "--resume"], cwd=ROOT,
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert_states_equal(without_cfg(load_state(out / "ckpt.pt")), without_cfg(uninterrupted))
+    steps = [json.loads(line)["step"] for line in open(out / "log.jsonl")]
+    assert steps == sorted(set(steps)) and steps[-1] == 400                  # each step logged once
+
+
+def test_sigterm_under_torchrun(tmp_path):
+    """Two gloo processes: SIGTERM to torchrun (forwarded to both ranks) stops both after the same step with
+    one whole checkpoint; the resumed run ends bit-identical to an uninterrupted two-process run."""
+    def launch(out, *extra):
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+                "--master_addr=127.0.0.1", f"--master_port={free_port()}", *SIGNAL_RUN, "--device", "cpu",
+                "--out", str(out), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "CUDA_VISIBLE_DEVICES": ""}
+    full = subprocess.run(launch(tmp_path / "full"), cwd=ROOT, capture_output=True, text=True, env=env)
+    assert full.returncode == 0, full.stderr[-3000:]
+    out = tmp_path / "run"
+    proc = subprocess.Popen(launch(out), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    wait_for_log(out / "log.jsonl", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode != 0 and "stopped: SIGTERM after step" in err, err[-3000:]
+    step = load_state(out / "ckpt.pt")["step"]
+    assert 0 < step < 400
+    res = subprocess.run(launch(out, "--resume"), cwd=ROOT, capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_states_equal(without_cfg(load_state(out / "ckpt.pt")), without_cfg(load_state(tmp_path / "full" / "ckpt.pt")))
+
+
+# ----------------------------------------------------------------------------------------------
+# Folders: temporary files, log.jsonl, --resume's config check
+
+def test_start_cleans_temporaries_and_cuts_the_log(tmp_path):
+    out = tmp_path / "run"
+    direct.main(TOY + ["--steps", "20", "--ckpt-every", "10", "--out", str(out)])
+    records = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["step"] for r in records] == [10, 20]
+    # a killed process left temporary files; the run went on past its checkpoint before dying
+    dead = 2 ** 22 + 12345                                      # a pid no process has here
+    for name in (f".ckpt.pt.tmp{dead}", f"samples/nfe1.npz.tmp{dead}.npz"):
+        (out / name).write_bytes(b"partial")
+    common.save_checkpoint(str(out / "ckpt.pt"), {**load_state(out / "ckpt.pt"), "step": 10})   # as if stopped at 10
+    direct.main(TOY + ["--steps", "30", "--ckpt-every", "10", "--out", str(out), "--resume"])
+    assert not (out / f".ckpt.pt.tmp{dead}").exists() and not (out / "samples" / f"nfe1.npz.tmp{dead}.npz").exists()
+    steps = [json.loads(line)["step"] for line in open(out / "log.jsonl")]
+    assert steps == [10, 20, 30]
+
+
+def test_resume_applies_a_new_lr_and_logs_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    direct.main(TOY + ["--steps", "10", "--out", str(out)])
+    capsys.readouterr()
+    direct.main(TOY + ["--steps", "20", "--out", str(out), "--resume", "--lr", "5e-4"])
+    printed = capsys.readouterr().out
+    assert "--resume: lr 0.001 -> 0.0005" in printed
+    assert json.loads(open(out / "log.jsonl").read().splitlines()[-1])["lr"] == 5e-4
+    assert load_state(out / "ckpt.pt")["opt"]["param_groups"][0]["lr"] == 5e-4
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    direct.main(TOY + ["--steps", "10", "--out", str(out)])
+    good = (out / "ckpt.pt").read_bytes()
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        if isinstance(obj, dict) and "rng" in obj:
+            f.write(b"partial")
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", full_disk)
+    code, err = run_cli(direct.main, TOY + ["--steps", "20", "--out", str(out), "--resume"], capsys)
+    assert code == 1 and len(err) == 1 and "No space left on device" in err[0] and "is kept" in err[0], err
+    assert (out / "ckpt.pt").read_bytes() == good
+    assert [f for f in os.listdir(out) if ".tmp" in f] == []
