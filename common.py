@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -711,7 +712,8 @@ class ImageNetLatents:
         try:
             blob = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         except Exception as e:
-            raise UserError(f"{path} is not a latent shard ({type(e).__name__}: {str(e).splitlines()[0][:80]})") from None
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+            raise UserError(f"{path} is not a latent shard ({reason})") from None
         lat, lab = (blob.get(k) if isinstance(blob, dict) else None for k in ("latents", "labels"))
         if not (torch.is_tensor(lat) and lat.is_floating_point() and lat.dim() == 4
                 and torch.is_tensor(lab) and lab.dtype == torch.int64 and lab.dim() == 1):
@@ -1030,7 +1032,8 @@ def load_fid_inception(weights=None, device="cpu"):
     try:
         net.load_state_dict(state)
     except RuntimeError as e:
-        raise UserError(f"{path or fname} is not the FID Inception state dict ({str(e).splitlines()[0][:100]})") from None
+        reason = str(e).splitlines()[0][:100]
+        raise UserError(f"{path or fname} is not the FID Inception state dict ({reason})") from None
     return net.to(device)
 
 
@@ -1466,12 +1469,17 @@ class Interrupted(Exception):
         self.code = 128 + signum
 
 
+_CATCHING = weakref.WeakSet()          # runs whose loop holds the stop signals (released however it ends)
+
+
 def cli(main, argv=None):
     """Run main(argv), turning UserError / RunError / Interrupted into one line on stderr and the exit code
     of the contract above (a Ctrl-C before training started is an Interrupted without a checkpoint)."""
     try:
         return main(argv)
     except (UserError, RunError, Interrupted, KeyboardInterrupt) as e:
+        for run in list(_CATCHING):                       # a loop left by an exception gives the signals back
+            run._release_signals()
         if isinstance(e, KeyboardInterrupt):
             e = Interrupted(signal.SIGINT, "interrupted before training started; nothing was written")
         if int(os.environ.get("RANK", 0)) == 0:
@@ -1504,8 +1512,8 @@ def base_parser(method, description):
     a("--out", help=f"run directory (runs/{method}-<dataset>)")
     a("--steps", type=int, help="training iterations")
     a("--batch-size", type=int, help="global batch size (split over ranks; fixed for a run)")
-    a("--batch-gpu", type=int, help="per-process micro-batch: gradient accumulation over the per-process share "
-                                    "of --batch-size (whole share: no accumulation)")
+    a("--batch-gpu", type=int, help="largest per-process micro-batch: gradient accumulation over the per-process "
+                                    "share of --batch-size (unset, or at least the share: no accumulation)")
     a("--lr", type=float, help="learning rate")
     a("--model", help="backbone: MLP (toy data) or one of DiT-T/2, DiT-S/2, DiT-B/2, DiT-L/2, DiT-XL/2")
     a("--seed", type=int, help="base seed; rank r uses seed * world_size + r")
@@ -1690,7 +1698,7 @@ class Run:
         if cfg["batch_size"] % world:
             raise UserError(f"global batch {cfg['batch_size']} is not divisible by the world size {world}")
         self.batch_per_rank = cfg["batch_size"] // world
-        self.batch_gpu = cfg.get("batch_gpu") or self.batch_per_rank
+        self.batch_gpu = min(cfg.get("batch_gpu") or self.batch_per_rank, self.batch_per_rank)   # at most the share
         if self.batch_per_rank % self.batch_gpu:
             raise UserError(f"--batch-gpu {self.batch_gpu} does not divide the per-process batch {self.batch_per_rank} "
                             f"(--batch-size {cfg['batch_size']} over {world} processes)")
@@ -1746,7 +1754,6 @@ class Run:
             with open(os.path.join(self.out, "config.json"), "w") as f:
                 json.dump(self.cfg, f, indent=1, sort_keys=True)
         self._announce(state, describe, start)
-        self._catch_signals()
         return start
 
     def _announce(self, state, describe, start):
@@ -1889,14 +1896,18 @@ class Run:
         return round(steps_done * self.cfg["batch_size"] / 1000, 3)
 
     def steps(self, start):
-        """range(start, steps); on rank 0 in a terminal, with a progress bar showing the main losses and
-        kimg/s."""
+        """The steps start .. steps-1; on rank 0 in a terminal, with a progress bar showing the main losses
+        and kimg/s. While it runs, SIGTERM, SIGUSR1 and SIGINT only set a flag that after_step acts on."""
         it = range(start, self.cfg["steps"])
         if self.is_main and sys.stderr.isatty():
             from tqdm import tqdm
             it = self._bar = tqdm(it, initial=start, total=self.cfg["steps"], dynamic_ncols=True, unit="step")
         self._t_last = time.time()
-        return it
+        self._catch_signals()
+        try:
+            yield from it
+        finally:
+            self._release_signals()
 
     def log(self, step, scalars):
         """Accumulate scalar tensors (no host sync); every log_every steps average them over steps and
@@ -2018,6 +2029,7 @@ class Run:
             sig = getattr(signal, name, None)
             if sig is not None:
                 self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+        _CATCHING.add(self)
 
     def _on_signal(self, signum, frame):
         self._signal = signum
@@ -2027,6 +2039,7 @@ class Run:
         for sig, handler in self._old_handlers.items():
             signal.signal(sig, handler)
         self._old_handlers = {}
+        _CATCHING.discard(self)
 
     def _stop_requested(self):
         """The signal any rank caught (0: none), the same on every rank: they all stop after the same step."""
@@ -2206,7 +2219,8 @@ class Run:
                     stem = os.path.join(folder, f"{name + '_' if name else ''}nfe{k}")
                     if toy:
                         np.save(stem + ".npy", x)
-                        result.setdefault("swd" + suffix, {})[str(k)] = sliced_wasserstein(torch.from_numpy(x), held_out)
+                        swd = sliced_wasserstein(torch.from_numpy(x), held_out)
+                        result.setdefault("swd" + suffix, {})[str(k)] = swd
                     else:
                         save_npz(stem + ".npz", x, labels)
                     if quality is not None:

@@ -1,4 +1,4 @@
-"""DE-CM: "Dual-End Consistency Model" (Dong et al., ../shared/papers/decm.txt).
+"""DE-CM: "Dual-End Consistency Model" (Dong et al., arXiv 2602.10764, https://arxiv.org/abs/2602.10764).
 
 The method in a paragraph. Noise sits at t=0 and data at t=1, z_t = (1-t) z + t x, and a network F
 with two times parameterises the flow map (Eq. 9)
@@ -338,7 +338,8 @@ def prepare(x, y, velocity, cfg, with_n2n):
     with torch.no_grad():
         if with_n2n:                                                           # l.5 and l.20 in one call
             y2 = None if y is None else torch.cat([y, y])
-            batch["v_t"], batch["v_r"] = velocity(torch.cat([z_t, batch["z_r"]]), torch.cat([t, batch["r"]]), y2).chunk(2)
+            both = velocity(torch.cat([z_t, batch["z_r"]]), torch.cat([t, batch["r"]]), y2)     # (2B, ...)
+            batch["v_t"], batch["v_r"] = both.chunk(2)
         else:
             batch["v_t"] = velocity(z_t, t, y)                                 # l.5-6
     return batch
@@ -456,7 +457,7 @@ def train(cfg, close=True):
     data = common.load_dataset(cfg["dataset"], cfg["data_path"], cfg["vae"])
     role = cfg["role"]
     teacher, init = load_teacher(cfg, data) if cfg["teacher"] else (None, None)
-    run = common.Run(cfg, RESUMABLE, data)                    # seeds every rank: the weights below are reproducible
+    run = common.Run(cfg, RESUMABLE, data)          # seeds every rank: the weights below are reproducible
     net = build_net(cfg, data, role)
     velocity = None
     guidance = Measured(eta=cfg["eta"])          # eta "auto" is measured once and kept in the checkpoint
@@ -539,7 +540,8 @@ def sample_only(cfg):
 DEFAULTS = dict(
     losses="fm,cd,n2n", teacher=None, teacher_steps=0, freq=3, w1="1", w2="1", lam=1.0, gamma=1.0, r_max=0.05,
     n2n_form="derived", t_schedule=None, segments=16, t_mean=None, t_std=None, adaptive_p=0.5, adaptive_c=1e-3,
-    fm_cos=None, w_cfg=1.0, eta="auto", velocity_norm=True, clip_g=False, cm_weight="1", class_dropout=0.1, weight_decay=0.0, time_scale=10.0,
+    fm_cos=None, w_cfg=1.0, eta="auto", velocity_norm=True, clip_g=False, cm_weight="1", class_dropout=0.1,
+    weight_decay=0.0, time_scale=10.0,
     samplers=[], mix_split=1, nfe=[1, 2, 4],
 )
 # what the teacher (plain flow matching, Eq. 3) and the student (Alg. 1) use where a flag is not given

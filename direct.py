@@ -1,4 +1,5 @@
-"""Direct Models: "End-to-end single-step flow matching via Direct Models" (../shared/papers/direct.txt).
+"""Direct Models: "End-to-End Single-Step Flow Matching via Direct Models" (ICLR 2026 submission,
+https://openreview.net/forum?id=XpOnko2c59).
 
 The method in a paragraph. Flow matching with noise x0 at t=0 and data x1 at t=1, x_t = (1-t) x0 + t x1
 (Eq. 2/14). Besides a velocity field v_theta trained by conditional flow matching (Eq. 15), a second
@@ -188,7 +189,7 @@ def build_models(cfg, data):
 
 def train(cfg):
     data = common.load_dataset(cfg["dataset"], cfg["data_path"], cfg["vae"])
-    run = common.Run(cfg, RESUMABLE, data)                    # seeds every rank: the weights below are reproducible
+    run = common.Run(cfg, RESUMABLE, data)          # seeds every rank: the weights below are reproducible
     v_net, w_net = (m.to(run.device) for m in build_models(cfg, data))
     v_model, w_model = run.wrap(v_net), run.wrap(w_net)
     ema_v, ema_w = common.make_ema(v_net, cfg), common.make_ema(w_net, cfg)
@@ -256,7 +257,8 @@ def parse_config(argv=None):
     a("--param", choices=["tw", "w"], help="flow parameterisation: tw = Eq. (4) phi = x + t w; w = x + w (Table 4)")
     a("--stop-grad", action=argparse.BooleanOptionalAction,
       help="stop-gradients of Eq. (16) on w_nu(x0, t') (default on; --no-stop-grad is Table 3's ablation)")
-    a("--cfg-scale", type=float, help="classifier-free guidance scale of v_theta in the target (Table 5: 1.5 on ImageNet)")
+    a("--cfg-scale", type=float,
+      help="classifier-free guidance scale of v_theta in the target (Table 5: 1.5 on ImageNet)")
     a("--class-dropout", type=float, help="label dropout of v_theta (Table 5: 0.1 on ImageNet)")
     a("--weight-decay", type=float, help="AdamW weight decay (Table 5: 0)")
     a("--euler-steps", type=int, nargs="+", help="steps of the v_theta Euler baseline to evaluate (Table 1: 128 4 1)")

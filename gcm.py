@@ -1,4 +1,4 @@
-"""GCM: "A Guide to Training Consistency Models" (../shared/papers/gcm.txt).
+"""GCM: "A Guide to Training Consistency Models" (ICLR 2026 submission, https://openreview.net/forum?id=1SHdqm7Eaa).
 
 The method in a paragraph. Consistency training from scratch on the OT flow-matching path with the
 data at t=0 and the noise at t=1: x_t = (1-t) x + t z, u_t = z - x, t in [t0, tT] = [0.006, 0.994].
@@ -377,7 +377,7 @@ def build_model(cfg, data):
 
 def train(cfg):
     data = common.load_dataset(cfg["dataset"], cfg["data_path"], cfg["vae"])
-    run = common.Run(cfg, RESUMABLE, data)                    # seeds every rank: the weights below are reproducible
+    run = common.Run(cfg, RESUMABLE, data)          # seeds every rank: the weights below are reproducible
     if run.batch_gpu % cfg["mmd_group"]:                # an MMD group never spans two micro-batches
         raise common.UserError(f"--mmd-group {cfg['mmd_group']} does not divide the per-process micro-batch "
                                f"{run.batch_gpu} (--batch-size / processes, or --batch-gpu)")
@@ -509,7 +509,8 @@ def parse_config(argv=None):
             if cfg[k] is None:
                 cfg[k] = v
         if cfg["dist_a"] is None:
-            cfg["dist_a"], cfg["dist_b"] = {"sine": (1.0, 0.01), "cosh": (1.5, 0.0), "uniform": (0.0, 0.0)}[cfg["t_dist"]]
+            shapes = {"sine": (1.0, 0.01), "cosh": (1.5, 0.0), "uniform": (0.0, 0.0)}       # Eqs. (15)/(16)
+            cfg["dist_a"], cfg["dist_b"] = shapes[cfg["t_dist"]]
         if cfg["eps"] is None:
             cfg["eps"] = 0.005 if cfg["h"] == "exp" else matched_eps(cfg["h"], cfg["mu"])
         check_config(cfg)

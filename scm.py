@@ -1,6 +1,5 @@
-"""sCM: "Simplifying, Stabilizing & Scaling Continuous-Time Consistency Models" (Lu & Song, arXiv 2410.11081;
-../shared/papers/scm.txt). Algorithm 1 and Appendix G are not in that text; ../shared/SPEC.md section 2
-reproduces them.
+"""sCM: "Simplifying, Stabilizing & Scaling Continuous-Time Consistency Models" (Lu & Song, arXiv 2410.11081,
+https://arxiv.org/abs/2410.11081). Algorithm 1 is in its Appendix A, the settings in Appendix G.
 
 The method in a paragraph. TrigFlow (Section 3) puts data at t=0 and noise at t=pi/2:
     x_t = cos(t) x0 + sin(t) z,   z ~ N(0, sigma_d^2 I),   v_t = cos(t) z - sin(t) x0,
@@ -370,7 +369,7 @@ def train(cfg):
         if not (tcfg["class_cond"] and tcfg["class_dropout"] > 0):
             raise common.UserError(f"--cfg-max {cfg['cfg_max']} needs a class-conditional teacher trained with "
                                    f"label dropout (--class-cond --class-dropout P); {cfg['teacher']} is not")
-    run = common.Run(cfg, RESUMABLE, data)                           # seeds every rank: the weights below are reproducible
+    run = common.Run(cfg, RESUMABLE, data)          # seeds every rank: the weights below are reproducible
     net = build_net(cfg, data)
     if "init" in pretrained:
         init_from(net, *pretrained["init"], cfg)
@@ -440,9 +439,13 @@ _CIFAR10 = dict(model="DiT-B/2", sigma_d=0.5, P_mean=-1.0, P_std=1.4, batch_size
 # ImageNet latents (App. G lists P_mean -0.8, P_std 1.6 and guidance up to 2 for ImageNet 512). The rest is
 # our choice where the text is silent: EDM2's batch 2048, the CIFAR-10 optimisers, no dropout, teacher
 # label dropout 0.1 (for CFG), and sampling at the guidance scale 1.5 inside the trained range [1, 2].
-_LATENTS = dict(model="DiT-B/2", sigma_d=0.5, P_mean=-0.8, P_std=1.6, batch_size=2048, ema_halflife_kimg=500.0,
-                steps=400_000, class_cond=True, class_dropout=0.1, nfe=[1, 2], log_every=100,
-                sample_every=10_000, ckpt_every=10_000)
+# Per GPU, --batch-gpu 128: an estimate (no GPU was available to measure it) that one micro-batch of 128
+# latents of 32x32x4 through DiT-B/2 (the JVP and the teacher's forward keep no graph; the forward-backward
+# dominates, about 0.3 GB of fp32 activations per sample at 256 tokens) fits an 80 GB GPU with room; on 8
+# GPUs the 256 per process then take two micro-batches.
+_LATENTS = dict(model="DiT-B/2", sigma_d=0.5, P_mean=-0.8, P_std=1.6, batch_size=2048, batch_gpu=128,
+                ema_halflife_kimg=500.0, steps=400_000, class_cond=True, class_dropout=0.1, nfe=[1, 2],
+                log_every=100, sample_every=10_000, ckpt_every=10_000)
 # 2D toy sets: the MLP, about a minute on a laptop CPU. The toy data have unit-order variance, so sigma_d = 1
 # and the proposal is CIFAR's shifted by ln 2 (the same distribution of sigma / sigma_d).
 _TOY = dict(model="MLP", sigma_d=1.0, P_mean=-1.0 + math.log(2), P_std=1.4, batch_size=256, steps=1500,

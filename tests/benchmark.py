@@ -10,7 +10,8 @@ median over rounds of the per-round ratio to flow matching (and the peak-memory 
 entry whose issue sets its goal against another step (sCM: its own diffusion step) also gets the ratio
 to that reference, and every goal is printed as met or not met.
 
-Every entry of STEPS builds its update from the method file's own loss functions:
+Every entry of STEPS builds its update from the method file's own draw and loss functions, through
+common.Run.update (the guarded update every training loop uses, snapshot for rollback included):
     @step_cost("<method>/<variant>", reference="fm/plain", goal=None)
     def builder(model_name, batch, size, run) -> step()                                (one update)
 
@@ -31,8 +32,10 @@ and step budget) with Euler steps; the table adds the floor (held-out vs trainin
 (Gaussian noise), and checks the goals of the digits issue.
 """
 import argparse
+import contextlib
 import json
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -123,12 +126,13 @@ def fm_step(model_name, batch, size, run):
     opt = common.make_optimizer("adamw", net.parameters(), 1e-4)
     x = batch_of(batch, size, run.device)
 
+    def loss_fn(b):
+        x_t, v = common.NoiseAt0()(b["x"], b["z"], b["t"])
+        return {"loss": (net(x_t, b["t"]) - v).float().pow(2).mean()}
+
     def step():
-        z, t = torch.randn_like(x), torch.rand(len(x), device=x.device)
-        x_t, v = common.NoiseAt0()(x, z, t)
-        with run.autocast():
-            loss = (net(x_t, t) - v).float().pow(2).mean()
-        run.update(opt, loss, net.parameters())
+        batch = dict(x=x, z=torch.randn_like(x), t=torch.rand(len(x), device=x.device))
+        run.update(opt, net.parameters(), loss_fn, batch)
     return step
 
 
@@ -143,9 +147,7 @@ def direct_step(model_name, batch, size, run):
     x = batch_of(batch, size, run.device)
 
     def step():
-        with run.autocast():
-            loss = direct.direct_losses(v, w, x, None, cfg)["loss"]
-        run.update(opt, loss, params)
+        run.update(opt, params, lambda b: direct.direct_losses(v, w, b, cfg), direct.draw(x, None, cfg))
     return step
 
 
@@ -169,10 +171,8 @@ def decm_cd_fm_step(model_name, batch, size, run):
     decm, cfg, student, opt, velocity, x = decm_setup(model_name, batch, size, run, ["fm", "cd"])
 
     def step():
-        with run.autocast():
-            b = decm.prepare(x, None, velocity, cfg, False)
-            loss = decm.cd_fm_loss(student, b, None, cfg)["loss"]
-        run.update(opt, loss, student.parameters())
+        batch = decm.prepare(x, None, velocity, cfg, False)
+        run.update(opt, student.parameters(), lambda b: decm.cd_fm_loss(student, b, None, cfg), batch)
     return step
 
 
@@ -184,10 +184,8 @@ def decm_n2n_fm_step(model_name, batch, size, run):
     decm, cfg, student, opt, velocity, x = decm_setup(model_name, batch, size, run, ["fm", "cd", "n2n"])
 
     def step():
-        with run.autocast():
-            b = decm.prepare(x, None, velocity, cfg, True)
-            loss = decm.n2n_fm_loss(student, velocity, b, None, cfg)["loss"]
-        run.update(opt, loss, student.parameters())
+        batch = decm.prepare(x, None, velocity, cfg, True)
+        run.update(opt, student.parameters(), lambda b: decm.n2n_fm_loss(student, velocity, b, None, cfg), batch)
     return step
 
 
@@ -211,9 +209,7 @@ def gcm_step(flags):
         x = batch_of(batch, size, run.device)
 
         def step():
-            with run.autocast():
-                loss = gcm.gcm_losses(net, x, None, cfg, cfg["eps"])["loss"]
-            run.update(opt, loss, net.parameters())
+            run.update(opt, net.parameters(), lambda b: gcm.gcm_losses(net, b, cfg, cfg["eps"]), gcm.draw(x, None, cfg))
         return step
     return build
 
@@ -239,13 +235,13 @@ def scm_step(mode, **flags):
         if mode == "scd":
             teacher = backbone(model_name, size, class_dropout=0.1, **kw).to(run.device).eval().requires_grad_(False)
 
+        def loss_fn(b):
+            if mode == "diffusion":
+                return scm.teacher_losses(net, b, cfg)
+            return scm.scm_losses(net, weight, b, 50, cfg, teacher)
+
         def step():
-            with run.autocast():
-                if mode == "diffusion":
-                    loss = scm.teacher_losses(net, x, y, cfg)["loss"]
-                else:
-                    loss = scm.scm_losses(net, weight, x, y, 50, cfg, teacher)["loss"]
-            run.update(opt, loss, params)
+            run.update(opt, params, loss_fn, scm.draw(x, y, cfg))
         return step
     return build
 
@@ -387,10 +383,10 @@ def cfg_digits(out, steps, flags):
             "direct/one-step-cfg1.5": digits_scores(dm), "direct/v-euler-cfg1.5": digits_scores(dm, "_euler")}
 
 
-def digits_table(steps, only, tmp, flags=()):
+def digits_table(steps, only, tmp, flags=(), data_path=None):
     """Table c: {row: {nfe: {"fd", "modes"}}} and each row's training seconds, then the floor and ceiling."""
     rows, seconds = {}, {}
-    data_path = os.path.join(tmp, "digits-data")
+    data_path = data_path or os.path.join(tmp, "digits-data")
     flags = ["--data-path", data_path, *flags]
     quality = common.DigitsQuality(data_path)                     # trains (and caches) the classifier once
     for entry, runner in DIGITS.items():
@@ -542,13 +538,19 @@ def main(argv=None):
     p.add_argument("--toy-dataset", default="checkerboard", choices=common.TOY_SETS)
     p.add_argument("--toy-steps", type=int, help="shorten every toy run to this many steps (smoke test)")
     p.add_argument("--digits-steps", type=int, help="shorten every digits run to this many steps (smoke test)")
-    p.add_argument("--digits-flags", nargs="*", default=[], help="extra flags for every digits run (smoke test)")
+    p.add_argument("--digits-flags", default="", help="extra flags for every digits run, one string (smoke test: "
+                   "--digits-flags='--eval-samples 32')")
+    p.add_argument("--digits-data", help="data folder holding (or to hold) the digits classifier")
     p.add_argument("--skip", nargs="*", default=[], choices=["step-cost", "toy", "digits"], help="leave a table out")
+    p.add_argument("--keep-runs", help="write the training runs into this folder and keep them (notebooks/digits.ipynb "
+                   "reads the digits runs from it with DIGITS_RUNS=DIR)")
     args = p.parse_args(argv)
     chosen = [n for n in STEPS if not args.only or any(s in n for s in args.only)]
     names = [n for n in STEPS if n == "fm/plain" or n in chosen or any(REFERENCE[c] == n for c in chosen)]
     figures = {"setting": vars(args)}
-    with tempfile.TemporaryDirectory() as tmp:
+    if args.keep_runs:
+        os.makedirs(args.keep_runs, exist_ok=True)
+    with (contextlib.nullcontext(args.keep_runs) if args.keep_runs else tempfile.TemporaryDirectory()) as tmp:
         if "step-cost" not in args.skip:
             cfg = {**common.COMMON_DEFAULTS, "method": "benchmark", "dataset": "cifar10", "out": tmp,
                    "batch_size": args.batch, "device": args.device, "bf16": args.bf16}
@@ -574,7 +576,8 @@ def main(argv=None):
             print(toy_markdown(rows, seconds))
         if "digits" not in args.skip:
             torch.manual_seed(0)
-            rows, seconds, accuracy = digits_table(args.digits_steps, args.only, tmp, args.digits_flags)
+            rows, seconds, accuracy = digits_table(args.digits_steps, args.only, tmp, shlex.split(args.digits_flags),
+                                                   args.digits_data)
             figures["digits"] = {f"{r}/nfe{k}": v for r, scores in rows.items() if "/" in r for k, v in scores.items()}
             figures["digits"]["floor"] = rows["held-out vs training digits (floor)"][0]
             figures["digits"]["ceiling"] = rows["Gaussian noise (ceiling)"][0]

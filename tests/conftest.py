@@ -19,9 +19,10 @@ def free_port():
 
 
 def torchrun(script, *args, nproc=2, timeout=600):
-    """Run `script` under torchrun with `nproc` CPU processes (gloo); returns the CompletedProcess."""
+    """Run `script` under torchrun with `nproc` CPU processes (gloo); returns the CompletedProcess. The `--`
+    keeps torchrun's own parser off the script's flags (it would read --n as an abbreviation of its --nnodes)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-           f"--master_addr=127.0.0.1", f"--master_port={free_port()}", script, *map(str, args)]
+           f"--master_addr=127.0.0.1", f"--master_port={free_port()}", "--", script, *map(str, args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 

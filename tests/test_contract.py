@@ -76,6 +76,10 @@ def bad_files(tmp_path_factory):
             torch.save({"latents": torch.zeros(5, 4, 8, 8, dtype=torch.float16), "labels": torch.full((5,), 99)},
                        folder / meta["shards"][0]["file"])
     files.update({k: root / k for k in ("lat_json", "lat_keys", "lat_shard", "lat_labels")})
+    make_latents(root / "lat_ok")
+    files["lat_ok"] = root / "lat_ok"
+    files["fid_weights"] = root / "inception.pth"
+    torch.save(common.FIDInception().net.state_dict(), files["fid_weights"])
     return files
 
 
@@ -141,6 +145,14 @@ def bad_inputs(f):
         ("decm", ["--teacher", str(f["sct"])], "written by scm.py, not decm.py"),
         ("direct", ["--dt", "0.7"], "--dt must lie in (0, 0.5)"),
         ("direct", ["--nfe", "2"], "one-step sampler"),
+        # what a run needs only at its end is checked at its start
+        ("direct", ["--dataset", "imagenet-latents", "--data-path", str(f["lat_ok"]), "--model", "DiT-T/2"],
+         "needs the VAE from the `diffusers` package"),
+        ("gcm", ["--dataset", "cifar10", "--data-path", str(f["cifar_ok"]), "--model", "DiT-T/2", "--fid", "100",
+                 "--fid-weights", str(f["file"])], "could not get the FID Inception weights"),
+        ("gcm", ["--dataset", "cifar10", "--data-path", str(f["cifar_ok"]), "--model", "DiT-T/2", "--fid", "100",
+                 "--fid-weights", str(f["fid_weights"]), "--fid-ref", str(f["run"] / "none.npz")],
+         "FID reference statistics not found"),
     ] + [(m, ["--dataset", ds, "--data-path", str(f[key]), "--model", "DiT-T/2"], msg) for m, ds, key, msg in (
         ("direct", "cifar10", "cifar_text", "is not a CIFAR-10 batch"),
         ("gcm", "cifar10", "cifar_shape", "must be a uint8 array of shape [n, 3072]"),
@@ -293,7 +305,8 @@ def test_sigterm_under_torchrun(tmp_path):
     assert 0 < step < 400
     res = subprocess.run(launch(out, "--resume"), cwd=ROOT, capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert_states_equal(without_cfg(load_state(out / "ckpt.pt")), without_cfg(load_state(tmp_path / "full" / "ckpt.pt")))
+    full = load_state(tmp_path / "full" / "ckpt.pt")
+    assert_states_equal(without_cfg(load_state(out / "ckpt.pt")), without_cfg(full))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -160,3 +160,13 @@ def test_sliced_wasserstein():
     m = torch.tensor([3.0, 0.0])
     assert abs(common.sliced_wasserstein(a, a + m) - 3 / 2 ** 0.5) < 0.05
     assert common.sliced_wasserstein(a, 2 * b) > 0.3
+
+
+def test_latents_record_their_vae_and_vae_overrides_it(tmp_path):
+    """encode-latents records the VAE (sd-vae-ft-mse unless told otherwise) in meta.json; --vae replaces it
+    for decoding."""
+    import inspect
+    assert inspect.signature(common.encode_latents).parameters["vae_name"].default == "stabilityai/sd-vae-ft-mse"
+    make_shards(str(tmp_path))
+    assert common.load_dataset("imagenet-latents", str(tmp_path)).meta["vae"] == json.load(open(tmp_path / "meta.json"))["vae"]
+    assert common.load_dataset("imagenet-latents", str(tmp_path), vae="/my/vae").meta["vae"] == "/my/vae"

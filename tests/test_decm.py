@@ -307,7 +307,8 @@ def test_from_scratch_run(tmp_path):
 def test_one_dit_image_step(tmp_path, cifar_root):
     """DiT-T/2 on images, class-conditional: a 1-step teacher, then 2 student iterations with CFG and
     velocity normalization, N2N every iteration (two updates each)."""
-    common_args = ["--dataset", "cifar10", "--data-path", cifar_root, "--eval-samples", "8", "--batch-size", "4", "--n", "4",
+    common_args = ["--dataset", "cifar10", "--data-path", cifar_root,
+              "--eval-samples", "8", "--batch-size", "4", "--n", "4",
                    "--log-every", "1", "--class-cond"]
     decm.main(common_args + ["--model", "DiT-T/2", "--losses", "fm", "--steps", "1", "--nfe", "2",
                              "--out", str(tmp_path / "t")])

@@ -134,7 +134,8 @@ def test_toy_run_beats_the_prior_and_nears_flow_matching(tmp_path):
 
 def test_one_dit_image_step(tmp_path, cifar_root):
     out = tmp_path / "img"
-    direct.main(["--dataset", "cifar10", "--data-path", cifar_root, "--eval-samples", "8", "--model", "DiT-T/2", "--steps", "2",
+    direct.main(["--dataset", "cifar10", "--data-path", cifar_root,
+              "--eval-samples", "8", "--model", "DiT-T/2", "--steps", "2",
                  "--batch-size", "4", "--n", "4", "--euler-steps", "2", "--log-every", "1", "--out", str(out)])
     log = [json.loads(l) for l in open(out / "log.jsonl")]
     assert len(log) == 2 and all(np.isfinite(r["loss"]) for r in log)

@@ -149,3 +149,23 @@ def test_cifar10_reference_stats_are_computed_once_and_cached(tmp_path, monkeypa
     assert np.array_equal(mu, mu2)
     with pytest.raises(common.UserError, match="--fid-ref"):
         common.fid_reference("imagenet-latents", str(tmp_path))
+
+
+def test_cached_weights_need_the_published_hash_and_downloads_are_checked(tmp_path, monkeypatch):
+    """A file in the torch hub cache under the published name but with other bytes is refused (its sha256
+    does not start with 6726825d); a download goes through torch.hub with check_hash and weights_only."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    cached = tmp_path / "checkpoints" / "pt_inception-2015-12-05-6726825d.pth"
+    cached.parent.mkdir()
+    torch.save(random_inception().net.state_dict(), cached)
+    with pytest.raises(common.UserError, match="does not have the published hash"):
+        common.load_fid_inception()
+    cached.unlink()
+    seen = {}
+
+    def fake_download(url, **kwargs):
+        seen.update(kwargs)
+        return random_inception().net.state_dict()
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fake_download)
+    common.load_fid_inception()
+    assert seen["check_hash"] is True and seen["weights_only"] is True

@@ -337,7 +337,8 @@ def test_toy_run_beats_the_prior(tmp_path, variant):
 @pytest.mark.parametrize("args", [[], ["--variant", "vu", "--jvp", "analytic", "--mmd-group", "1"]])
 def test_one_dit_image_step(tmp_path, cifar_root, args):
     out = tmp_path / "img"
-    gcm.main(["--dataset", "cifar10", "--data-path", cifar_root, "--eval-samples", "8", "--model", "DiT-T/2", "--steps", "2",
+    gcm.main(["--dataset", "cifar10", "--data-path", cifar_root,
+              "--eval-samples", "8", "--model", "DiT-T/2", "--steps", "2",
               "--batch-size", "4", "--n", "4", "--log-every", "1", "--out", str(out)] + args)
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert len(log) == 2 and all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in log)

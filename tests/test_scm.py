@@ -301,7 +301,8 @@ def test_guided_student_starts_as_the_teacher(labelled_teacher, tmp_path):
 
 @pytest.mark.parametrize("variant", ["sct", "scd-cfg-discrete"])
 def test_one_dit_image_step(variant, tmp_path, cifar_root):
-    base = ["--dataset", "cifar10", "--data-path", cifar_root, "--eval-samples", "8", "--model", "DiT-T/2", "--batch-size", "4", "--n", "4",
+    base = ["--dataset", "cifar10", "--data-path", cifar_root,
+              "--eval-samples", "8", "--model", "DiT-T/2", "--batch-size", "4", "--n", "4",
             "--log-every", "1"]
     args = base + ["--steps", "2", "--out", str(tmp_path / "img")]
     if variant != "sct":
