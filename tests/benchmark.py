@@ -71,9 +71,12 @@ def toy_quality(method):
     return register
 
 
+TOY_FLAGS = []                      # --toy-flags: extra flags for every toy run (a smoke test's small sample counts)
+
+
 def run_eval(main, argv, dataset, out, steps):
     """Train with a method script's own main on the toy preset and return its eval.json."""
-    argv = ["--dataset", dataset, "--out", out, "--log-every", "1000000", *argv]
+    argv = ["--dataset", dataset, "--out", out, "--log-every", "1000000", *TOY_FLAGS, *argv]
     main(argv + (["--steps", str(steps)] if steps else []))
     with open(os.path.join(out, "eval.json")) as f:
         return json.load(f)
@@ -537,6 +540,7 @@ def main(argv=None):
     p.add_argument("--json", help="also write the figures as JSON")
     p.add_argument("--toy-dataset", default="checkerboard", choices=common.TOY_SETS)
     p.add_argument("--toy-steps", type=int, help="shorten every toy run to this many steps (smoke test)")
+    p.add_argument("--toy-flags", default="", help="extra flags for every toy run, e.g. '--eval-samples 512'")
     p.add_argument("--digits-steps", type=int, help="shorten every digits run to this many steps (smoke test)")
     p.add_argument("--digits-flags", default="", help="extra flags for every digits run, one string (smoke test: "
                    "--digits-flags='--eval-samples 32')")
@@ -566,6 +570,7 @@ def main(argv=None):
             print(step_table(res, cuda))
         if "toy" not in args.skip:
             torch.manual_seed(0)
+            TOY_FLAGS[:] = shlex.split(args.toy_flags)
             rows, seconds = toy_table(args.toy_dataset, args.toy_steps, args.only, tmp)
             figures["toy"] = {f"{r}/nfe{k}": v for r, scores in rows.items() if "/" in r for k, v in scores.items()}
             figures["toy"]["prior"] = rows["noise prior (0 NFE)"][0]

@@ -65,7 +65,7 @@ def main(out):
     def loss_of(m_grad, m_jvp, x):
         F_minus, dF = common.jvp(m_jvp, (x,), (torch.ones_like(x),))
         return ((m_grad(x) - F_minus - 0.1 * dF) ** 2).mean()
-    run.update(opt, loss_of(model, common.unwrap(model), x), model.parameters())
+    run.update(opt, model.parameters(), lambda b: {"loss": loss_of(model, common.unwrap(model), b["x"])}, {"x": x})
     params = torch.cat([p.detach().flatten() for p in model.parameters()])
     res["params_equal_across_ranks"] = bool(all(torch.equal(params, q) for q in gather(params)))
     grads = []

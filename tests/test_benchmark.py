@@ -13,8 +13,9 @@ import benchmark  # noqa: E402
 def test_benchmark_tables_smoke(tmp_path, capsys, digits_data):
     path = tmp_path / "bench.json"
     benchmark.main(["--model", "DiT-T/2", "--size", "8", "--batch", "4", "--repeats", "2", "--warmup", "1",
-                    "--toy-steps", "20", "--toy-dataset", "moons", "--digits-steps", "2", "--digits-data", digits_data,
-                    "--digits-flags=--eval-samples 32 --batch-size 16", "--json", str(path)])
+                    "--toy-steps", "20", "--toy-dataset", "moons",
+                    "--toy-flags=--eval-samples 512", "--digits-steps", "2", "--digits-data", digits_data,
+                    "--digits-flags=--eval-samples 32 --batch-size 16 --n 4", "--json", str(path)])
     figures = json.loads(path.read_text())
     assert set(figures["step_cost"]) == set(benchmark.STEPS)
     assert all(r["sec"] > 0 and r["ratio"] > 0 for r in figures["step_cost"].values())

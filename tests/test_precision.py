@@ -90,7 +90,7 @@ def test_gcm_loss_under_bf16_matches_fp32():
     for name, ctx in (("fp32", FP32), ("bf16", O.bf16)):
         torch.manual_seed(3)
         with ctx():
-            res[name] = float(gcm.gcm_losses(net, x, None, cfg, 0.005)["residual"])
+            res[name] = float(gcm.gcm_losses(net, gcm.draw(x, None, cfg), cfg, 0.005)["residual"])
     assert abs(res["bf16"] - res["fp32"]) < 0.02 * res["fp32"], res
 
 
@@ -117,7 +117,7 @@ def test_scd_tangent_vanishes_under_bf16():
     for name, ctx in (("fp32", FP32), ("bf16", O.bf16)):
         torch.manual_seed(0)
         with ctx():
-            out[name] = math.sqrt(float(scm.scm_losses(student, None, x0, None, 10, cfg, teacher)["mse"]) * 64)
+            out[name] = math.sqrt(float(scm.scm_losses(student, None, scm.draw(x0, None, cfg), 10, cfg, teacher)["mse"]) * 64)
     print(f"sCD normalised tangent at the exact solution: fp32 {out['fp32']:.1e}, bf16 {out['bf16']:.1e}")
     assert out["fp32"] < 1e-4 and out["bf16"] < 1e-4
 
@@ -131,7 +131,7 @@ def test_scd_at_initialisation_is_zero_under_bf16():
     cfg = {**scm.DEFAULTS, "mode": "scd", "sigma_d": 0.5, "adaptive_weight": False, "warmup_iters": 100}
     torch.manual_seed(1)
     with O.bf16():
-        mse = float(scm.scm_losses(student, None, O.images(64), None, 0, cfg, teacher)["mse"])
+        mse = float(scm.scm_losses(student, None, scm.draw(O.images(64), None, cfg), 0, cfg, teacher)["mse"])
     norm = math.sqrt(mse * 64)
     print(f"sCD at initialisation under bf16: normalised target norm {norm:.1e} per sample (0.07 before the fix)")
     assert norm < 1e-3
@@ -147,7 +147,7 @@ def test_discrete_scd_tangent_is_fp32_under_bf16():
     for name, ctx in (("fp32", FP32), ("bf16", O.bf16)):
         torch.manual_seed(0)
         with ctx():
-            out[name] = float(scm.scm_losses(student, None, x0, None, 10, cfg, teacher)["mse"])
+            out[name] = float(scm.scm_losses(student, None, scm.draw(x0, None, cfg), 10, cfg, teacher)["mse"])
     assert out["fp32"] > 0 and abs(out["bf16"] - out["fp32"]) < 1e-3 * out["fp32"], out
 
 
