@@ -43,6 +43,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import common  # noqa: E402
@@ -427,8 +428,11 @@ def digits_goals(rows):
     for name, scores in rows.items():
         if name.startswith(("fm/", "held-out", "Gaussian")) or "euler" in name or "teacher" in name or 1 not in scores:
             continue
+        # a guided row is held against the guided baseline (class-conditional FM, Euler 100 at the same scale)
+        ref = "fm/euler" + name[name.index("-cfg"):] if "-cfg" in name else "fm/euler"
+        ref_fd = rows[ref][100]["fd"] if ref in rows and 100 in rows[ref] else base
         best = min(scores[k]["fd"] for k in (1, 2) if k in scores)
-        goals[name] = {"best_1_2": best, "within_2x_fm100": best <= 2 * base,
+        goals[name] = {"best_1_2": best, "baseline": ref, "baseline_fd": ref_fd, "within_2x_fm100": best <= 2 * ref_fd,
                        "below_quarter_ceiling_1nfe": scores[1]["fd"] < ceiling / 4}
     claims = {}
     for name in ("scm/sct", "scm/scd", "gcm/cu-restart"):
@@ -437,6 +441,55 @@ def digits_goals(rows):
     if "decm/mix" in rows and "decm/cm" in rows:
         claims["decm: Mix better than CM at 4 NFE"] = rows["decm/mix"][4]["fd"] < rows["decm/cm"][4]["fd"]
     return {"fm100": base, "ceiling": ceiling, "methods": goals, "claims": claims}
+
+
+# The digits figure of the README: per row a run folder (under the benchmark's run folder) and the sampler name
+# its samples/[<sampler>_]nfe{k}.npz carry; columns 1, 2 and 4 NFE (100 for the Euler baselines' last panel).
+DIGITS_FIGURE = [("flow matching, Euler", "digits-fm-decm/fm", "", (1, 2, 4, 100)),
+                 ("DE-CM, CM", "digits-fm-decm/decm", "cm", (1, 2, 4)),
+                 ("DE-CM, Mix", "digits-fm-decm/decm", "mix", (1, 2, 4)),
+                 ("sCM teacher, ODE", "digits-scm/teacher", "", (1, 2, 4, 100)),
+                 ("sCT", "digits-scm/sct", "", (1, 2, 4)),
+                 ("sCD", "digits-scm/scd", "", (1, 2, 4)),
+                 ("GCM CU, restart", "digits-gcm/cu", "", (1, 2, 4)),
+                 ("GCM VU, pushforward", "digits-gcm/vu", "", (1, 2, 4)),
+                 ("Direct, one step", "digits-direct/direct", "", (1,)),
+                 ("Direct's v, Euler", "digits-direct/direct", "euler", (1, 2, 4, 100))]
+DIGITS_FIGURE_CFG = [("flow matching, Euler", "digits-cfg/fm", "", (1, 2, 4, 100)),
+                     ("DE-CM", "digits-cfg/decm", "", (1, 2, 4)),
+                     ("sCM teacher, ODE", "digits-cfg/scm-teacher", "", (100,)),
+                     ("sCD", "digits-cfg/scd", "", (1, 2, 4)),
+                     ("Direct, one step", "digits-cfg/direct", "", (1,))]
+
+
+def digits_figure(runs, path, rows=DIGITS_FIGURE, per_side=8):
+    """One PNG of the digits runs in `runs`: a row per entry of `rows` (DIGITS_FIGURE), a panel per NFE holding the first
+    per_side^2 samples of samples/[<sampler>_]nfe{k}.npz, titled with the FD that eval.json gives for it."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cols = sorted({k for *_, nfes in rows for k in nfes})
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(2.2 * len(cols), 2.35 * len(rows)), squeeze=False)
+    for r, (label, folder, sampler, nfes) in enumerate(rows):
+        with open(os.path.join(runs, folder, "eval.json")) as f:
+            fd = json.load(f)["fd" + ("_" + sampler if sampler else "")]
+        for c, k in enumerate(cols):
+            ax = axes[r, c]
+            ax.axis("off")
+            if k not in nfes:
+                continue
+            with np.load(os.path.join(runs, folder, "samples", f"{sampler + '_' if sampler else ''}nfe{k}.npz")) as f:
+                x = f["arr_0"][:, :, :, 0]
+            n = min(per_side, int(np.sqrt(len(x))))                 # a smoke run may hold fewer samples
+            x = np.pad(x[: n * n], ((0, 0), (1, 1), (1, 1)), constant_values=96)    # a grey frame per digit
+            h, w = x.shape[1:]
+            mosaic = x.reshape(n, n, h, w).transpose(0, 2, 1, 3).reshape(n * h, n * w)
+            ax.imshow(mosaic, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+            ax.set_title(f"{k} NFE: {fd[str(k)]:.0f}", fontsize=8)
+        axes[r, 0].text(-0.08, 0.5, label, transform=axes[r, 0].transAxes, ha="right", va="center", fontsize=8)
+    fig.subplots_adjust(left=0.16, right=0.99, top=1 - 0.2 / len(rows), bottom=0.01, wspace=0.06, hspace=0.3)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def measure(names, model_name, batch, size, repeats, warmup, run):
@@ -546,6 +599,8 @@ def main(argv=None):
                    "--digits-flags='--eval-samples 32')")
     p.add_argument("--digits-data", help="data folder holding (or to hold) the digits classifier")
     p.add_argument("--skip", nargs="*", default=[], choices=["step-cost", "toy", "digits"], help="leave a table out")
+    p.add_argument("--figure", help="draw the digits samples of every run into this PNG, the guided runs into "
+                   "<name>-cfg.png (with --skip digits: from the runs already in --keep-runs)")
     p.add_argument("--keep-runs", help="write the training runs into this folder and keep them (notebooks/digits.ipynb "
                    "reads the digits runs from it with DIGITS_RUNS=DIR)")
     args = p.parse_args(argv)
@@ -598,11 +653,16 @@ def main(argv=None):
                 figures["digits_goals"] = goals
                 print(f"\nGoals (FM baseline at 100 Euler steps: {goals['fm100']:.1f}; ceiling {goals['ceiling']:.1f}):")
                 for name, g in goals["methods"].items():
-                    print(f"- {name}: best FD at 1-2 NFE {g['best_1_2']:.1f}, within 2x of FM-100: "
+                    print(f"- {name}: best FD at 1-2 NFE {g['best_1_2']:.1f}, within 2x of {g['baseline']} at 100 "
+                          f"NFE ({g['baseline_fd']:.1f}): "
                           f"{'met' if g['within_2x_fm100'] else 'NOT met'}; 1 NFE below a quarter of the ceiling: "
                           f"{'met' if g['below_quarter_ceiling_1nfe'] else 'NOT met'}")
                 for claim, holds in goals["claims"].items():
                     print(f"- {claim}: {'shows' if holds else 'does not show'}")
+        if args.figure:
+            digits_figure(tmp, args.figure)
+            if os.path.isdir(os.path.join(tmp, "digits-cfg")):
+                digits_figure(tmp, args.figure[:-4] + "-cfg.png", DIGITS_FIGURE_CFG)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=1)

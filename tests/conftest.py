@@ -9,7 +9,12 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# pytest.ini runs the suite on two workers (pytest-xdist), a module per worker at a time. Each worker and what it
+# starts (CLI subprocesses, notebook kernels) then keeps to one thread: two workers of two threads would
+# oversubscribe the two cores CI has, and a small network gains little from a second thread anyway.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 
 def free_port():
