@@ -144,8 +144,7 @@ def test_scm_short_run(digits_data, tmp_path, ceiling):
     short_run(scm.main, tmp_path / "teacher", digits_data, "--mode", "diffusion", "--steps", "400", "--batch-size",
               "64", "--lr", "3e-3", "--nfe", "8")
     ev = short_run(scm.main, tmp_path / "scd", digits_data, "--mode", "scd", "--teacher",
-                   str(tmp_path / "teacher" / "ckpt.pt"), "--steps", "200", "--batch-size", "32", "--warmup-iters", "40",
-                   "--nfe", "1", "2")
+                   str(tmp_path / "teacher" / "ckpt.pt"), "--steps", "200", "--batch-size", "32", "--nfe", "1", "2")
     check("sCD, 1-2 NFE", ev, "fd", 620, ceiling)
 
 
