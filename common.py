@@ -1375,13 +1375,19 @@ def all_finite(module_or_state):
     return all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v) and v.is_floating_point())
 
 
-def _to_uint8_grid(images, nrow):
+def image_grid(images, nrow, pad_value=0.0):
+    """Images -> one uint8 [H, W, 3] mosaic with nrow per row and a 2-pixel frame of grey level pad_value in
+    [0, 1]. images: float [N, C, H, W] in [-1, 1], or uint8 [N, H, W, C] (the layout of samples/*.npz)."""
     import torchvision
-    x = images.detach().float().cpu()
+    if images.dtype in (np.uint8, torch.uint8):
+        x = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    else:
+        x = images.detach().float().cpu()
     if x.shape[1] not in (1, 3):        # latents without a decoder: show the first 3 channels, each standardised
         x = x[:, :3]
         x = (x - x.mean((0, 2, 3), keepdim=True)) / (2 * x.std((0, 2, 3), keepdim=True) + 1e-8)
-    grid = torchvision.utils.make_grid(x.clamp(-1, 1), nrow=nrow, padding=2, value_range=(-1, 1), normalize=True)
+    grid = torchvision.utils.make_grid(x.clamp(-1, 1), nrow=nrow, padding=2, value_range=(-1, 1), normalize=True,
+                                       pad_value=pad_value)
     return (grid * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 
 
@@ -1389,7 +1395,7 @@ def save_grid(images, path, nrow=None):
     """Images in [-1, 1], [N, C, H, W] -> one PNG grid."""
     from PIL import Image
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    arr = _to_uint8_grid(images, nrow or math.ceil(math.sqrt(len(images))))
+    arr = image_grid(images, nrow or math.ceil(math.sqrt(len(images))))
     Image.fromarray(arr.squeeze(-1) if arr.shape[-1] == 1 else arr).save(path)
 
 

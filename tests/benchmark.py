@@ -18,8 +18,9 @@ common.Run.update (the guarded update every training loop uses, snapshot for rol
 Table b, sample quality on a 2D toy set: every entry of TOYS trains its method with the method's
 own toy preset through the script's `main` (in this process) and returns the sliced Wasserstein
 distances its run wrote to eval.json, per sampler and NFE:
-    TOYS["<method>"] = runner(dataset, out, steps) -> {"<method>/<sampler>": {nfe: swd}}
-steps=None keeps the preset's length (--toy-steps shortens every run for a smoke test). The table adds
+    TOYS["<method>"] = runner(dataset, out, steps, flags) -> {"<method>/<sampler>": {nfe: swd}}
+steps=None keeps the preset's length (--toy-steps shortens every run for a smoke test); flags go to every run
+(--toy-flags: a smoke test's small sample counts). The table adds
 the noise prior and the data-vs-data floor (two independent held-out sets of the same size).
 
 Table c, sample quality on real images (scikit-learn's 8x8 digits, DiT-T/2): every entry of DIGITS trains
@@ -72,12 +73,9 @@ def toy_quality(method):
     return register
 
 
-TOY_FLAGS = []                      # --toy-flags: extra flags for every toy run (a smoke test's small sample counts)
-
-
-def run_eval(main, argv, dataset, out, steps):
-    """Train with a method script's own main on the toy preset and return its eval.json."""
-    argv = ["--dataset", dataset, "--out", out, "--log-every", "1000000", *TOY_FLAGS, *argv]
+def run_eval(main, argv, dataset, out, steps, flags):
+    """Train with a method script's own main and its preset for `dataset`; returns its eval.json."""
+    argv = ["--dataset", dataset, "--out", out, "--log-every", "1000000", *flags, *argv]
     main(argv + (["--steps", str(steps)] if steps else []))
     with open(os.path.join(out, "eval.json")) as f:
         return json.load(f)
@@ -91,11 +89,7 @@ def digits_quality(entry):
 
 
 def digits_eval(main, argv, out, steps, flags):
-    """Train on digits with a method script's own main and its digits preset; returns its eval.json."""
-    argv = ["--dataset", "digits", "--out", out, "--log-every", "1000000", *flags, *argv]
-    main(argv + (["--steps", str(steps)] if steps else []))
-    with open(os.path.join(out, "eval.json")) as f:
-        return json.load(f)
+    return run_eval(main, argv, "digits", out, steps, flags)
 
 
 def digits_scores(ev, suffix=""):
@@ -194,11 +188,11 @@ def decm_n2n_fm_step(model_name, batch, size, run):
 
 
 @toy_quality("direct")
-def direct_toy(dataset, out, steps):
+def direct_toy(dataset, out, steps, flags):
     """The one-step direct map, and its jointly trained v_theta (pure CFM, Eq. 15) with the Euler sampler:
     the flow-matching baseline at 1, 4 and 100 steps."""
     import direct
-    ev = run_eval(direct.main, ["--euler-steps", "1", "4", "100"], dataset, out, steps)
+    ev = run_eval(direct.main, ["--euler-steps", "1", "4", "100"], dataset, out, steps, flags)
     return {"direct/one-step": nfe_scores(ev["swd"]), "fm/euler": nfe_scores(ev["swd_euler"])}
 
 
@@ -261,9 +255,9 @@ step_cost("gcm/cu-analytic")(gcm_step(["--mmd-group", "1", "--jvp", "analytic"])
 def gcm_toy(variant, sampler):
     """GCM's toy preset (Table 1, every module on): CU with the restart sampler or VU with the pushforward
     sampler, at 1, 2 and 4 NFE. One entry per variant, so each row gets its own training time."""
-    def runner(dataset, out, steps):
+    def runner(dataset, out, steps, flags):
         import gcm
-        ev = run_eval(gcm.main, ["--variant", variant, "--nfe", "1", "2", "4"], dataset, out, steps)
+        ev = run_eval(gcm.main, ["--variant", variant, "--nfe", "1", "2", "4"], dataset, out, steps, flags)
         return {f"gcm/{variant}-{sampler}": nfe_scores(ev["swd"])}
     return runner
 
@@ -282,23 +276,23 @@ step_cost("scm/sct-discrete", reference="scm/diffusion")(scm_step("sct", discret
 
 
 @toy_quality("scm")
-def scm_toy(dataset, out, steps):
+def scm_toy(dataset, out, steps, flags):
     """scm.py's own toy preset: sCT and sCD (Alg. 1 with every stabiliser) with the consistency sampler of
     Section 5.2 at 1, 2 and 4 f evaluations (intermediate times 1.1 for 2 steps; 1.1, 0.73, 0.37 for 4), and
     the sCD teacher (Eq. 4) with its PF-ODE sampler (Eq. 3, DDIM steps) at 1, 2, 4 and 100 steps."""
     import scm
     sct = run_eval(scm.main, ["--mode", "sct", "--nfe", "1", "2", "4"], dataset, os.path.join(out, "sct"),
-                   steps)
+                   steps, flags)
     teacher = run_eval(scm.main, ["--mode", "diffusion", "--nfe", "1", "2", "4", "100"], dataset,
-                       os.path.join(out, "teacher"), steps)
+                       os.path.join(out, "teacher"), steps, flags)
     scd = run_eval(scm.main, ["--mode", "scd", "--teacher", os.path.join(out, "teacher", "ckpt.pt"), "--nfe", "1", "2",
-                              "4"], dataset, os.path.join(out, "scd"), steps)
+                              "4"], dataset, os.path.join(out, "scd"), steps, flags)
     return {"scm/sct": nfe_scores(sct["swd"]), "scm/scd": nfe_scores(scd["swd"]),
             "scm/teacher-ode": nfe_scores(teacher["swd"])}
 
 
 @toy_quality("decm")
-def decm_toy(dataset, out, steps):
+def decm_toy(dataset, out, steps, flags):
     """DE-CM with its toy preset: `decm.py --dataset D` trains the FM teacher into OUT/teacher, then the
     student (fm,cd,n2n); the CM, Mix and Euler samplers of Table 4 at 1, 2, 4 NFE, and the teacher's Euler.
     1500 teacher + 1200 student steps (the preset's 2000 + 2000 would take over 3 minutes on 2 cores; the
@@ -306,7 +300,7 @@ def decm_toy(dataset, out, steps):
     import decm
     teacher_steps = ["--teacher-steps", str(steps or 1500)]
     ev = run_eval(decm.main, ["--samplers", "cm", "mix", "euler", "--nfe", "1", "2", "4", *teacher_steps],
-                  dataset, out, steps or 1200)
+                  dataset, out, steps or 1200, flags)
     with open(os.path.join(out, "teacher", "eval.json")) as f:
         teacher = json.load(f)
     rows = {f"decm/{s}": nfe_scores(ev[f"swd_{s}"]) for s in ("cm", "mix", "euler")}
@@ -479,12 +473,9 @@ def digits_figure(runs, path, rows=DIGITS_FIGURE, per_side=8):
             if k not in nfes:
                 continue
             with np.load(os.path.join(runs, folder, "samples", f"{sampler + '_' if sampler else ''}nfe{k}.npz")) as f:
-                x = f["arr_0"][:, :, :, 0]
+                x = f["arr_0"]
             n = min(per_side, int(np.sqrt(len(x))))                 # a smoke run may hold fewer samples
-            x = np.pad(x[: n * n], ((0, 0), (1, 1), (1, 1)), constant_values=96)    # a grey frame per digit
-            h, w = x.shape[1:]
-            mosaic = x.reshape(n, n, h, w).transpose(0, 2, 1, 3).reshape(n * h, n * w)
-            ax.imshow(mosaic, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+            ax.imshow(common.image_grid(x[: n * n], n, pad_value=0.4), interpolation="nearest")   # grey frames
             ax.set_title(f"{k} NFE: {fd[str(k)]:.0f}", fontsize=8)
         axes[r, 0].text(-0.08, 0.5, label, transform=axes[r, 0].transAxes, ha="right", va="center", fontsize=8)
     fig.subplots_adjust(left=0.16, right=0.99, top=1 - 0.2 / len(rows), bottom=0.01, wspace=0.06, hspace=0.3)
@@ -546,14 +537,14 @@ def step_table(res, cuda):
     return "\n".join(rows)
 
 
-def toy_table(dataset, steps, only, tmp):
+def toy_table(dataset, steps, only, tmp, flags=()):
     """Table b: {row: {nfe: swd}}, each method trained by its own toy preset, then prior and floor."""
     rows, seconds = {}, {}
     for method, runner in TOYS.items():
         if only and not any(o in method for o in only):
             continue
         t0 = time.perf_counter()
-        res = runner(dataset, os.path.join(tmp, "toy-" + method), steps)
+        res = runner(dataset, os.path.join(tmp, "toy-" + method), steps, flags)
         seconds.update({r: time.perf_counter() - t0 for r in res})
         rows.update(res)
     n = TOY_EVAL_SAMPLES
@@ -625,8 +616,7 @@ def main(argv=None):
             print(step_table(res, cuda))
         if "toy" not in args.skip:
             torch.manual_seed(0)
-            TOY_FLAGS[:] = shlex.split(args.toy_flags)
-            rows, seconds = toy_table(args.toy_dataset, args.toy_steps, args.only, tmp)
+            rows, seconds = toy_table(args.toy_dataset, args.toy_steps, args.only, tmp, shlex.split(args.toy_flags))
             figures["toy"] = {f"{r}/nfe{k}": v for r, scores in rows.items() if "/" in r for k, v in scores.items()}
             figures["toy"]["prior"] = rows["noise prior (0 NFE)"][0]
             figures["toy"]["floor"] = rows["data vs data (floor)"][0]

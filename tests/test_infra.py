@@ -201,6 +201,11 @@ def test_images_written(tmp_path):
     common.save_grid(torch.rand(6, 3, 8, 8) * 2 - 1, str(tmp_path / "g.png"))
     assert Image.open(tmp_path / "g.png").size == (2 + 3 * 10, 2 + 2 * 10)   # 3 columns, 2 rows
     common.save_grid(torch.randn(4, 4, 8, 8), str(tmp_path / "lat.png"))      # latents without a decoder
+    u8 = torch.randint(0, 256, (4, 8, 8, 1), dtype=torch.uint8)                # the samples/*.npz layout
+    grid = common.image_grid(u8.numpy(), 2, pad_value=0.4)
+    assert grid.shape == (2 + 2 * 10, 2 + 2 * 10, 3) and (grid[:2] == 102).all()   # grey frame 0.4 * 255
+    assert np.array_equal(grid[12:20, 2:10, 0], u8[2, :, :, 0].numpy())         # third image: row 2, column 1
+    assert np.array_equal(grid, common.image_grid(u8.permute(0, 3, 1, 2).float() / 127.5 - 1, 2, pad_value=0.4))
     pts = torch.randn(500, 2)
     common.save_scatter(pts, str(tmp_path / "s.png"), reference=torch.randn(500, 2))
     img = np.asarray(Image.open(tmp_path / "s.png"))
