@@ -6,6 +6,7 @@ files never run code."""
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -285,6 +286,14 @@ def test_signal_checkpoints_and_resumes_bit_identically(name, uninterrupted, tmp
     assert steps == sorted(set(steps)) and steps[-1] == 400                  # each step logged once
 
 
+def ranks_output(proc):
+    """What the ranks printed (the end of stdout, and stderr without torchrun's own failure report, whose
+    traceback would otherwise fill the message and hide where a rank died)."""
+    report = re.compile(r"^([WEI]\d{4} |  |Traceback|torch\.|=+$|-+$)")
+    err = "\n".join(line for line in proc.stderr.splitlines() if not report.match(line))
+    return f"stdout: ...{proc.stdout[-1000:]}\nstderr: ...{err[-2000:]}"
+
+
 def test_sigterm_under_torchrun(tmp_path):
     """Two gloo processes: SIGTERM to torchrun (forwarded to both ranks) stops both after the same step with
     one whole checkpoint; the resumed run ends bit-identical to an uninterrupted two-process run."""
@@ -294,7 +303,7 @@ def test_sigterm_under_torchrun(tmp_path):
                 "--out", str(out), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "CUDA_VISIBLE_DEVICES": ""}
     full = subprocess.run(launch(tmp_path / "full"), cwd=ROOT, capture_output=True, text=True, env=env)
-    assert full.returncode == 0, full.stderr[-3000:]
+    assert full.returncode == 0, ranks_output(full)
     out = tmp_path / "run"
     proc = subprocess.Popen(launch(out), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     wait_for_log(out / "log.jsonl", proc)
@@ -304,7 +313,7 @@ def test_sigterm_under_torchrun(tmp_path):
     step = load_state(out / "ckpt.pt")["step"]
     assert 0 < step < 400
     res = subprocess.run(launch(out, "--resume"), cwd=ROOT, capture_output=True, text=True, env=env)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, ranks_output(res)
     full = load_state(tmp_path / "full" / "ckpt.pt")
     assert_states_equal(without_cfg(load_state(out / "ckpt.pt")), without_cfg(full))
 
