@@ -1395,8 +1395,7 @@ def save_grid(images, path, nrow=None):
     """Images in [-1, 1], [N, C, H, W] -> one PNG grid."""
     from PIL import Image
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    arr = image_grid(images, nrow or math.ceil(math.sqrt(len(images))))
-    Image.fromarray(arr.squeeze(-1) if arr.shape[-1] == 1 else arr).save(path)
+    Image.fromarray(image_grid(images, nrow or math.ceil(math.sqrt(len(images))))).save(path)
 
 
 def save_scatter(points, path, reference=None, size=384, lim=3.0):

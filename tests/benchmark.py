@@ -426,7 +426,8 @@ def digits_goals(rows):
         ref = "fm/euler" + name[name.index("-cfg"):] if "-cfg" in name else "fm/euler"
         ref_fd = rows[ref][100]["fd"] if ref in rows and 100 in rows[ref] else base
         best = min(scores[k]["fd"] for k in (1, 2) if k in scores)
-        goals[name] = {"best_1_2": best, "baseline": ref, "baseline_fd": ref_fd, "within_2x_baseline": best <= 2 * ref_fd,
+        goals[name] = {"best_1_2": best, "baseline": ref, "baseline_fd": ref_fd,
+                       "within_2x_baseline": best <= 2 * ref_fd,
                        "below_quarter_ceiling_1nfe": scores[1]["fd"] < ceiling / 4}
     claims = {}
     for name in ("scm/sct", "scm/scd", "gcm/cu-restart"):
@@ -457,8 +458,8 @@ DIGITS_FIGURE_CFG = [("flow matching, Euler", "digits-cfg/fm", "", (1, 2, 4, 100
 
 
 def digits_figure(runs, path, rows=DIGITS_FIGURE, per_side=8):
-    """One PNG of the digits runs in `runs`: a row per entry of `rows` (DIGITS_FIGURE), a panel per NFE holding the first
-    per_side^2 samples of samples/[<sampler>_]nfe{k}.npz, titled with the FD that eval.json gives for it."""
+    """One PNG of the digits runs in `runs`: a row per entry of `rows` (DIGITS_FIGURE), a panel per NFE holding the
+    first per_side^2 samples of samples/[<sampler>_]nfe{k}.npz, titled with the FD that eval.json gives for it."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -652,7 +653,8 @@ def main(argv=None):
         if args.figure:
             digits_figure(tmp, args.figure)
             if os.path.isdir(os.path.join(tmp, "digits-cfg")):
-                digits_figure(tmp, args.figure[:-4] + "-cfg.png", DIGITS_FIGURE_CFG)
+                stem, ext = os.path.splitext(args.figure)
+                digits_figure(tmp, f"{stem}-cfg{ext or '.png'}", DIGITS_FIGURE_CFG)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=1)

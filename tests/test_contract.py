@@ -287,11 +287,12 @@ def test_signal_checkpoints_and_resumes_bit_identically(name, uninterrupted, tmp
 
 
 def ranks_output(proc):
-    """What the ranks printed (the end of stdout, and stderr without torchrun's own failure report, whose
-    traceback would otherwise fill the message and hide where a rank died)."""
-    report = re.compile(r"^([WEI]\d{4} |  |Traceback|torch\.|=+$|-+$)")
-    err = "\n".join(line for line in proc.stderr.splitlines() if not report.match(line))
-    return f"stdout: ...{proc.stdout[-1000:]}\nstderr: ...{err[-2000:]}"
+    """What the ranks printed: the end of stdout, and stderr up to torchrun's own failure report (which starts
+    when the agent signals or reaps a rank; its long traceback would otherwise hide where a rank died)."""
+    lines = proc.stderr.splitlines()
+    report = next((i for i, line in enumerate(lines)
+                   if re.match(r"[WE]\d{4} .*(closing signal|failed \(exitcode)", line)), len(lines))
+    return f"stdout: ...{proc.stdout[-1000:]}\nstderr: ...{chr(10).join(lines[:report])[-2000:]}"
 
 
 def test_sigterm_under_torchrun(tmp_path):
