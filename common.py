@@ -12,6 +12,7 @@ Command line (besides being imported by the method scripts):
 """
 import argparse
 import contextlib
+import contextvars
 import copy
 import functools
 import json
@@ -84,10 +85,13 @@ def setup_distributed(device=None):
     return Dist(rank, local_rank, world, dev)
 
 
-def enable_tf32():
-    """TF32 matmuls/convolutions on Ampere+ GPUs (a no-op on CPU)."""
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+def deterministic_algorithms():
+    """--deterministic: PyTorch's deterministic kernels (and cuBLAS's fixed workspace, which they need; set before
+    CUDA starts), so that a run and its resumption repeat bit for bit on a GPU too, a little slower. CPU runs are
+    deterministic without it. An operation without a deterministic kernel then raises instead of varying."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
 
 
 def tune_cpu_allocator():
@@ -145,8 +149,10 @@ def eval_mode(*modules):
 
 
 def unwrap(model):
-    """The module inside DDP. Forward-mode JVPs run on it: they need no gradient sync (weights are
-    stop-gradient there), while every pass that produces parameter gradients must go through DDP."""
+    """The plain module inside torch.compile and DDP (Run.wrap). Forward-mode JVPs and target passes run on it:
+    they need no gradient sync (weights are stop-gradient there), while every pass that produces parameter
+    gradients must go through DDP."""
+    model = getattr(model, "_orig_mod", model)                 # torch.compile's OptimizedModule
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
@@ -213,9 +219,10 @@ class GaussianFlow:
 
     def _moments(self, t, like):
         a, b, da, db = (bcast(c.double(), like) for c in self.interp.coefficients(t.double()))
-        var = a ** 2 * self.std ** 2 + b ** 2 * self.interp.noise_std ** 2
-        rate = (a * da * self.std ** 2 + b * db * self.interp.noise_std ** 2) / var   # sd'_t / sd_t
-        return a * self.mu, da * self.mu, var.sqrt(), rate
+        mu, std = self.mu.to(like.device), self.std.to(like.device)
+        var = a ** 2 * std ** 2 + b ** 2 * self.interp.noise_std ** 2
+        rate = (a * da * std ** 2 + b * db * self.interp.noise_std ** 2) / var   # sd'_t / sd_t
+        return a * mu, da * mu, var.sqrt(), rate
 
     def sample_data(self, n, generator=None):
         eps = torch.randn(n, *self.mu.shape, generator=generator, dtype=torch.float64)
@@ -409,53 +416,163 @@ class UniformPower:
 
 
 # ==============================================================================================
-# Precision (SPEC section 9): which passes may run in bf16.
+# Precision (SPEC sections 9 and 10): which passes of a training step run in which arithmetic. This section
+# is the whole mechanism; the method files only say which of their passes are target passes.
 #
-# --bf16 wraps each method's loss in bf16 autocast (`Run.autocast`; CUDA, and the CPU, where the tests run
-# it). Inside it, the passes that produce parameter gradients run in bf16: a rounding error of about 4e-3
-# there is noise on one gradient, as in any mixed-precision training. Every pass whose output enters a
-# target without a gradient runs in fp32 (`full_precision`), and so do the JVPs (`jvp`): targets subtract
-# near-equal numbers (F_theta - F_minus, f(x_t) - f(x_r)), divide by small steps (GCM's (s - r)/(t - r) up
-# to 1000, sCM's discrete 1/sin(t - t')) or add a small increment to a large value (Direct's dt/t (v - w)),
-# so a bf16 error there is amplified into the target itself. The method files state which of their
-# passes are which; tests/test_precision.py checks, for every method, that at the closed-form Gaussian
-# solution the target computed under --bf16 vanishes to fp32 accuracy.
+# Gradient passes (a forward whose output carries the parameters' gradient, and its backward) run under
+# --bf16 in bf16 autocast (`mixed_precision`, which Run puts around every method's loss; CUDA, and the CPU,
+# where the tests run it); otherwise in fp32, with TF32 matmuls and convolutions on CUDA (--tf32, on by default,
+# as in DiT and nanoGPT: `set_tf32`). A rounding error there is noise on one gradient.
+#
+# Target passes (a pass whose output enters a target without a gradient: teacher velocities, F_minus, both
+# evaluations of a finite difference, Direct's propagation target) and the JVPs are different: targets
+# subtract near-equal numbers (F_theta - F_minus, f(x_t) - f(x_r)), divide by small steps (GCM's (s - r)/(t - r),
+# up to 1000; discrete sCM's 1/sin(t - t')) or add a small increment to a large value (Direct's dt/t (v - w)), so
+# an error of those passes is amplified into the target itself. The policy --target-precision decides how
+# they run (`target_precision`, `jvp`):
+#   fp32 (the exact policy, the default): IEEE fp32 on every device: autocast off, and TF32 (and oneDNN's
+#       reduced-precision fp32 modes) off inside, restored after (`ieee_fp32`). On Ampere and Hopper GPUs a
+#       TF32 pass keeps 10 mantissa bits, a relative error near 1e-3 that GCM's (s - r)/(t - r) would amplify
+#       a thousandfold. (NVIDIA's FastGen and EDM2 turn TF32 off for the same reason.)
+#   bf16 (the faster policy of public implementations such as Sana-Sprint, rCM, FACM and TVM; needs --bf16):
+#       the target passes and JVPs run under the same bf16 autocast as the gradient passes.
+# Under either policy the numerically delicate parts stay fp32 in every pass: the attention softmax, the norms
+# and the time embeddings (dit.py), and the target algebra: `jvp` returns fp32, and the methods widen the
+# outputs of target passes to fp32 before differences, divisions and normalisations.
+# A gradient pass's own detached output may stand in for a target pass only when it is computed as that
+# target pass would be (`reuse_for_target`); otherwise the target pass is run.
+# tests/test_precision.py checks, for every method at the closed-form Gaussian solution, that the targets
+# computed under --bf16 equal the fp32 ones to fp32 accuracy (exact policy; on CUDA with TF32 on elsewhere),
+# measures what the faster policy costs, and that TF32 is off inside every target pass and on again after.
 
-def full_precision(like):
-    """Context: the enclosed passes run in fp32 (or fp64) even inside --bf16 autocast. `like` is a tensor on
-    the device in question; the inputs of those passes must not be bf16 themselves."""
-    return torch.autocast(like.device.type, enabled=False)
+TARGET_PRECISIONS = ("fp32", "bf16")
+_TARGETS = contextvars.ContextVar("target_precision", default="fp32")
 
 
-def autocast_active(like):
-    """True inside bf16 autocast on like's device: a pass whose output a target needs in fp32 was then
-    not computed in fp32 and must be recomputed under full_precision."""
-    return torch.is_autocast_enabled(like.device.type)
+def _fp32_switches():
+    """[(flags object, attribute, IEEE value)] of the switches that let fp32 matmuls and convolutions round to
+    fewer mantissa bits. PyTorch >= 2.9 has per-backend `fp32_precision` settings (cuBLAS, cuDNN, and oneDNN on
+    the CPU, whose "bf16" mode would do the same on a CPU); older versions only the two `allow_tf32` flags.
+    Only one of the two APIs is used: PyTorch refuses to read a flag that was set through both."""
+    b = torch.backends
+    if hasattr(b.cuda.matmul, "fp32_precision"):
+        return [(b.cuda.matmul, "fp32_precision", "ieee"), (b.cudnn.conv, "fp32_precision", "ieee"),
+                (b.cudnn.rnn, "fp32_precision", "ieee"), (b.mkldnn.matmul, "fp32_precision", "ieee"),
+                (b.mkldnn.conv, "fp32_precision", "ieee")]
+    return [(b.cuda.matmul, "allow_tf32", False), (b.cudnn, "allow_tf32", False)]
+
+
+@contextlib.contextmanager
+def ieee_fp32():
+    """Inside: fp32 matmuls and convolutions in IEEE fp32 on every device (no TF32); the settings are restored
+    after, however the block ends."""
+    switches = _fp32_switches()
+    saved = [getattr(obj, name) for obj, name, _ in switches]
+    try:
+        for obj, name, ieee in switches:
+            setattr(obj, name, ieee)
+        yield
+    finally:
+        for (obj, name, _), value in zip(switches, saved):
+            setattr(obj, name, value)
+
+
+def set_tf32(on):
+    """--tf32: TF32 for CUDA matmuls and convolutions outside the target passes (a no-op on the CPU)."""
+    b = torch.backends
+    if hasattr(b.cuda.matmul, "fp32_precision"):
+        for obj in (b.cuda.matmul, b.cudnn.conv, b.cudnn.rnn):
+            obj.fp32_precision = "tf32" if on else "ieee"
+    else:
+        b.cuda.matmul.allow_tf32 = b.cudnn.allow_tf32 = bool(on)
+
+
+def _fp32_mode(*levels):
+    """PyTorch >= 2.9: the first fp32_precision along an operation, its backend and the global setting that is
+    not "none" (which means "as the level above")."""
+    for level in (*levels, torch.backends):
+        mode = getattr(level, "fp32_precision", "none")
+        if mode != "none":
+            return mode
+    return "ieee"
+
+
+def tf32_enabled():
+    """True when CUDA matmuls or convolutions may round fp32 to TF32 now (PyTorch's default allows it in cuDNN)."""
+    b = torch.backends
+    if hasattr(b.cuda.matmul, "fp32_precision"):
+        return "tf32" in (_fp32_mode(b.cuda.matmul), _fp32_mode(b.cudnn.conv, b.cudnn))
+    return b.cuda.matmul.allow_tf32 or b.cudnn.allow_tf32
+
+
+@contextlib.contextmanager
+def mixed_precision(device, bf16=False, targets="fp32"):
+    """The precision of a training step: bf16 autocast around its gradient passes with --bf16 (on CUDA or the
+    CPU), and the policy its target passes follow (TARGET_PRECISIONS). Run.precision() is this for the run."""
+    if targets not in TARGET_PRECISIONS:
+        raise ValueError(f"targets must be one of {TARGET_PRECISIONS}, got {targets!r}")
+    token = _TARGETS.set(targets)
+    try:
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bool(bf16)):
+            yield
+    finally:
+        _TARGETS.reset(token)
+
+
+def _fast_targets(like):
+    """The faster policy is in force: target passes follow the bf16 autocast that is on around them."""
+    return _TARGETS.get() == "bf16" and torch.is_autocast_enabled(like.device.type)
+
+
+def target_precision(like):
+    """Context for target passes (see above): IEEE fp32 (autocast and TF32 off) under the exact policy; the
+    surrounding bf16 autocast under the faster one. `like` is a tensor on the device in question. Widen what
+    such a pass returns to fp32 before subtracting or dividing it."""
+    if _fast_targets(like):
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast(like.device.type, enabled=False))
+    stack.enter_context(ieee_fp32())
+    return stack
+
+
+def reuse_for_target(like):
+    """True when a gradient pass on like's device computes its output as a target pass would (no bf16 autocast,
+    no TF32 on CUDA; or the faster policy, whose target passes are bf16 too): its detached output may then stand
+    in for the target pass. Otherwise the caller runs the target pass (one more forward)."""
+    if _fast_targets(like):
+        return True
+    return not torch.is_autocast_enabled(like.device.type) and not (like.is_cuda and tf32_enabled())
+
+
+def wide(x):
+    """At least fp32 (bf16 outputs are widened for the target algebra and the losses; float64 stays float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 # ==============================================================================================
 # JVP helpers. Both return (f(primals), J_f(primals) . tangents) with the same call shape, carry no
-# autograd graph (the weights are stop-gradient in every JVP the methods take) and run in fp32.
-
-def _fp32(x):
-    """bf16/fp16 -> fp32 for the JVP; fp32 and fp64 stay as they are."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
+# autograd graph (the weights are stop-gradient in every JVP the methods take) and return fp32 (or fp64).
 
 def jvp(fn, primals, tangents):
-    """Analytic forward-mode JVP with torch.func.jvp. Call it on the unwrapped module (`unwrap`), not
-    on DDP: the JVP contributes no parameter gradient, and the gradient pass goes through DDP.
-    Inputs that are not differentiated (labels) are closed over by `fn`."""
-    with torch.no_grad(), torch.autocast(primals[0].device.type, enabled=False):
-        return torch.func.jvp(fn, tuple(map(_fp32, primals)), tuple(map(_fp32, tangents)))
+    """Analytic forward-mode JVP with torch.func.jvp, a target pass (see Precision): in IEEE fp32 under the
+    exact policy (bf16 inputs are widened first), under bf16 autocast under the faster one. Call it on the
+    unwrapped module (`unwrap`), not on DDP: the JVP contributes no parameter gradient, and the gradient pass
+    goes through DDP. Inputs that are not differentiated (labels) are closed over by `fn`."""
+    like = primals[0]
+    with torch.no_grad(), target_precision(like):
+        if not _fast_targets(like):
+            primals, tangents = tuple(map(wide, primals)), tuple(map(wide, tangents))
+        out, tangent = torch.func.jvp(fn, tuple(primals), tuple(tangents))
+    return wide(out), wide(tangent)
 
 
 def jvp_finite_difference(fn, primals, tangents, eps=1e-3):
     """Central finite difference (f(p + eps v) - f(p - eps v)) / (2 eps); O(eps^2) error. All three
     evaluations see the same random draws (dropout), so the difference measures the function only."""
-    with torch.no_grad(), torch.autocast(primals[0].device.type, enabled=False):
+    with torch.no_grad(), torch.autocast(primals[0].device.type, enabled=False), ieee_fp32():
         same = SameRandomness(primals[0].device)
-        primals, tangents = tuple(map(_fp32, primals)), tuple(map(_fp32, tangents))
+        primals, tangents = tuple(map(wide, primals)), tuple(map(wide, tangents))
         shifted = [tuple(p + sign * eps * t for p, t in zip(primals, tangents)) for sign in (1, -1)]
         with same:
             out = fn(*primals)
@@ -967,7 +1084,13 @@ def _fid_blocks():
 
 
 class FIDInception(nn.Module):
-    """x: images in [-1, 1], any size -> (N, 2048) pool features (float32)."""
+    """x: images in [-1, 1], any size -> (N, 2048) pool features (float32).
+
+    The features are computed in IEEE fp32 on every device (`ieee_fp32`: no TF32 convolutions on Ampere and
+    later GPUs, where PyTorch's default, and so pytorch-fid's, would allow them): FID then does not depend on
+    the GPU it was computed on, and statistics from a GPU and from a CPU agree to fp32 round-off. TF32 moves
+    the features by about 1e-4 relative and FID by about that much too, far below the FID's own sampling
+    noise, so published numbers computed with TF32 stay comparable."""
 
     def __init__(self):
         super().__init__()
@@ -983,13 +1106,14 @@ class FIDInception(nn.Module):
 
     @torch.no_grad()
     def forward(self, x):
-        x = F.interpolate(x.float(), size=(299, 299), mode="bilinear", align_corners=False)
-        n = self.net
-        for layer in (n.Conv2d_1a_3x3, n.Conv2d_2a_3x3, n.Conv2d_2b_3x3, n.maxpool1, n.Conv2d_3b_1x1,
-                      n.Conv2d_4a_3x3, n.maxpool2, n.Mixed_5b, n.Mixed_5c, n.Mixed_5d, n.Mixed_6a, n.Mixed_6b,
-                      n.Mixed_6c, n.Mixed_6d, n.Mixed_6e, n.Mixed_7a, n.Mixed_7b, n.Mixed_7c):
-            x = layer(x)
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)              # (N, 2048)
+        with ieee_fp32(), torch.autocast(x.device.type, enabled=False):
+            x = F.interpolate(x.float(), size=(299, 299), mode="bilinear", align_corners=False)
+            n = self.net
+            for layer in (n.Conv2d_1a_3x3, n.Conv2d_2a_3x3, n.Conv2d_2b_3x3, n.maxpool1, n.Conv2d_3b_1x1,
+                          n.Conv2d_4a_3x3, n.maxpool2, n.Mixed_5b, n.Mixed_5c, n.Mixed_5d, n.Mixed_6a, n.Mixed_6b,
+                          n.Mixed_6c, n.Mixed_6d, n.Mixed_6e, n.Mixed_7a, n.Mixed_7b, n.Mixed_7c):
+                x = layer(x)
+            return F.adaptive_avg_pool2d(x, 1).flatten(1)          # (N, 2048)
 
 
 FID_WEIGHTS_SHA256_PREFIX = "6726825d"      # the hash prefix in the published file name (torch.hub's convention)
@@ -1455,15 +1579,16 @@ COMMON_DEFAULTS = dict(
     seed=0, resume=False, log_every=100, sample_every=None, ckpt_every=1000, snapshot_every=None, keep=None,
     nfe=[1, 2, 4], sample_only=False, ckpt=None, n=64, npz=None, png_dir=None, classes=None, fid=0,
     fid_weights=None, fid_ref=None, fid_batch=250, class_cond=False, xflip=False, ema_decay=None,
-    ema_halflife_kimg=None, grad_clip=0.0, max_skips=20, bf16=False, device=None, threads=None,
-    eval_samples=None, vae=None,
+    ema_halflife_kimg=None, grad_clip=0.0, max_skips=20, bf16=False, target_precision="fp32", tf32=True,
+    deterministic=False, compile=False, guard="light", device=None, threads=None, eval_samples=None, vae=None,
 )
 
 # What --resume may change: how long, how fast and how the run reports and samples, not what its checkpoint
 # holds (model, method variant, data, teacher...). A method adds its own sampling-only settings.
 RESUMABLE = {"steps", "lr", "batch_gpu", "log_every", "sample_every", "ckpt_every", "snapshot_every", "keep",
              "nfe", "n", "eval_samples", "fid", "fid_weights", "fid_ref", "fid_batch", "max_skips", "device",
-             "bf16", "threads", "data_path", "vae", "resume", "grad_clip"}
+             "bf16", "target_precision", "tf32", "deterministic", "compile", "guard", "threads", "data_path", "vae",
+             "resume", "grad_clip"}
 
 
 class Interrupted(Exception):
@@ -1548,8 +1673,18 @@ def base_parser(method, description):
     a("--ema-halflife-kimg", type=float, help="EMA half-life in thousands of images (EDM convention)")
     a("--grad-clip", type=float, help="clip the gradient norm to this value (0: off)")
     a("--max-skips", type=int, help="stop after this many consecutive non-finite steps")
-    a("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast for the gradient passes (CUDA or CPU; "
-                                                            "targets and JVPs stay fp32)")
+    a("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast for the gradient passes (CUDA or CPU)")
+    a("--target-precision", choices=TARGET_PRECISIONS, help="the passes that build targets (JVPs, teacher "
+      "velocities, finite differences): fp32 = IEEE fp32 (the exact policy), bf16 = under --bf16's autocast (the "
+      "faster policy of public implementations); README, Precision")
+    a("--tf32", action=argparse.BooleanOptionalAction, help="TF32 matmuls and convolutions on CUDA outside the target "
+                                                            "passes (--no-tf32: IEEE fp32 everywhere)")
+    a("--deterministic", action=argparse.BooleanOptionalAction, help="deterministic kernels: bit-identical runs and "
+      "resumes on a GPU too (slower; CPU runs are deterministic anyway)")
+    a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the networks' gradient passes (the JVPs "
+      "and target passes stay eager); the first step includes the compilation")
+    a("--guard", choices=UpdateGuard.KINDS, help="an optimizer step that overflows the weights: light = stop the run "
+      "(no copy kept), snapshot = undo it from a copy made before every step (3x the parameters' memory)")
     a("--device", choices=["cpu", "cuda"], help="force a device (default: CUDA when available)")
     a("--threads", type=int, help="CPU threads (default: 1 for toy sets, where the small MLP gains nothing "
                                   "from more; else PyTorch's choice)")
@@ -1643,6 +1778,8 @@ def check_common(cfg):
         raise UserError(f"--ema-decay must lie in [0, 1), got {cfg['ema_decay']}")
     if cfg["ema_decay"] is None and cfg["ema_halflife_kimg"] is not None and not cfg["ema_halflife_kimg"] > 0:
         raise UserError(f"--ema-halflife-kimg must be > 0, got {cfg['ema_halflife_kimg']}")
+    if cfg["target_precision"] == "bf16" and not cfg["bf16"]:
+        raise UserError("--target-precision bf16 runs the target passes under --bf16's autocast: add --bf16")
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda, but PyTorch sees no CUDA device here (use --device cpu)")
     if cfg["classes"] is not None and not cfg["class_cond"]:
@@ -1671,6 +1808,50 @@ def check_late_needs(cfg, data, dist_info):
         digits_classifier(cfg.get("data_path"), verbose=False)
 
 
+class UpdateGuard:
+    """What Run.update does when an optimizer step overflows the weights. A non-finite loss or gradient is caught
+    before the step, which is then skipped, with nothing copied; a step that turns finite gradients into
+    non-finite weights (an absurd learning rate) is the rare case this decides:
+      light (--guard light, the default): nothing is copied before a step. Such a step cannot be undone, so the
+          run stops at once (exit 1), naming the last good checkpoint; no checkpoint is written in between
+          (Run.checkpoint refuses non-finite weights), so a bad step never reaches one.
+      snapshot (--guard snapshot): the parameters and the optimizer state are copied before every step into
+          buffers reused from step to step (three times the parameters' memory with Adam, 8 GB for DiT-XL/2,
+          and a copy of them every step), and such a step is undone and counted as skipped, like a non-finite
+          gradient."""
+    KINDS = ("light", "snapshot")
+
+    def __init__(self, kind="light"):
+        self.kind, self.copies, self.n_state = kind, None, 0
+
+    @staticmethod
+    def _state(opt, params):
+        return [v for p in params for v in opt.state.get(p, {}).values() if torch.is_tensor(v)]
+
+    def before_step(self, opt, params):
+        if self.kind != "snapshot":
+            return
+        state = self._state(opt, params)
+        tensors = [p.detach() for p in params] + state
+        if self.copies is None or len(self.copies) != len(tensors):
+            self.copies = [torch.empty_like(t) for t in tensors]
+        self.n_state = len(state)
+        torch._foreach_copy_(self.copies, tensors)
+
+    def undo(self, opt, params):
+        """Put back the parameters and optimizer state of before the step; False when nothing was kept (light)."""
+        if self.kind != "snapshot":
+            return False
+        state = self._state(opt, params)
+        if len(state) != self.n_state:                    # the first step created the state: drop it
+            for p in params:
+                opt.state.pop(p, None)
+            state = []
+        with torch.no_grad():
+            torch._foreach_copy_([p.detach() for p in params] + state, self.copies[:len(params) + len(state)])
+        return True
+
+
 class Run:
     """Bookkeeping around a method's training loop: devices and seeds, the run folder, the guarded optimizer
     update (gradient accumulation, non-finite skipping and rollback), logging, checkpoints with every RNG
@@ -1690,10 +1871,12 @@ class Run:
 
     def __init__(self, cfg, resumable=(), data=None):
         self.cfg = cfg
+        if cfg.get("deterministic"):
+            deterministic_algorithms()
         self.dist = setup_distributed(cfg.get("device"))
         self.device = self.dist.device
         if self.device.type == "cuda":
-            enable_tf32()
+            set_tf32(cfg.get("tf32", True))
         else:
             tune_cpu_allocator()
         self._threads_before = torch.get_num_threads()
@@ -1718,8 +1901,10 @@ class Run:
         self.skips = 0                    # consecutive non-finite updates
         self.skipped_total = 0
         self.last_good = None             # (path, step) of the newest checkpoint known good
-        self._wrapped, self._snapshot, self._signal, self._old_handlers = [], None, 0, {}
+        self.guard = UpdateGuard(cfg.get("guard") or "light")
+        self._wrapped, self._signal, self._old_handlers = [], 0, {}
         self._acc, self._acc_n, self._t_last, self._lr, self._last_step = {}, 0, time.time(), None, 0
+        self._timed_n, self._first_step_sec = 0, None
         self._bar = None
         self.logger = JSONLLogger(os.path.join(self.out, "log.jsonl"), self.is_main)
 
@@ -1766,6 +1951,8 @@ class Run:
         size = sum(p.numel() for m in models for p in m.parameters())
         device = (f"{self.dist.world_size} x {torch.cuda.get_device_name(self.device)}" if self.device.type == "cuda"
                   else f"CPU, {self.dist.world_size} process(es) x {torch.get_num_threads()} thread(s)")
+        if self.dist.ddp:
+            device += f" ({tdist.get_backend()})"
         accumulation = (f", micro-batch {self.batch_gpu} ({self.batch_per_rank // self.batch_gpu} per update)"
                         if self.batch_gpu < self.batch_per_rank else "")
         dataset = self.cfg["dataset"]
@@ -1789,20 +1976,27 @@ class Run:
             f.writelines(keep)
         os.replace(tmp, path)
 
-    def autocast(self):
-        """--bf16: bf16 autocast around a method's loss, on CUDA or the CPU (see "Precision" above for which
-        passes then run in bf16 and which stay in fp32)."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bool(self.cfg.get("bf16")))
+    def precision(self):
+        """The run's precision around a method's loss (and DE-CM's target passes before it): --bf16 and
+        --target-precision, see "Precision" above."""
+        return mixed_precision(self.device, self.cfg.get("bf16"), self.cfg.get("target_precision") or "fp32")
 
     def wrap(self, model):
-        """DDP-wrap a model that receives gradients (no-op in a single process)."""
+        """A model that receives gradients, as its gradient passes call it: DDP-wrapped under torchrun, and with
+        --compile compiled by torch.compile (over DDP, as PyTorch's DDP notes advise). The JVPs and the target
+        passes call the plain module (`unwrap`): a compiled module inside torch.func.jvp gives wrong tangents
+        (PyTorch 2.14), and Dynamo cannot trace dit.py's own forward-mode rules. Compiled dropout draws its masks
+        as eager PyTorch does (Inductor's fallback_random), so the eager target passes share them."""
         model = model.to(self.device)
-        if not self.dist.ddp:
-            return model
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        self._wrapped.append(wrapped)
-        return wrapped
+        if self.dist.ddp:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+            self._wrapped.append(model)
+        if self.cfg.get("compile"):
+            import torch._inductor.config
+            torch._inductor.config.fallback_random = True
+            model = torch.compile(model)
+        return model
 
     # -- the update ----------------------------------------------------------------------------
     def update(self, opt, params, loss_fn, batch, emas=()):
@@ -1810,13 +2004,12 @@ class Run:
         random draw of the step, so that splitting it changes nothing but memory).
 
         Gradient accumulation: the batch is cut into micro-batches of --batch-gpu samples; loss_fn(micro) ->
-        dict of scalar tensors ("loss" is the mean over the micro-batch) runs under autocast, and its loss,
-        scaled by the micro-batch's share, is back-propagated; DDP synchronises the gradients only on the last
-        micro-batch (no_sync before). Then the guard: if any micro-batch's loss or the all-reduced gradient is
-        non-finite, the update is skipped; after the optimizer step, parameters that are not all finite are
-        rolled back to their state before it (and the optimizer's), the update counting as skipped; the EMAs
-        [(ema, module)] are updated only after a good update. --max-skips skips in a row stop the run.
-        Returns the losses averaged over micro-batches, with grad_norm."""
+        dict of scalar tensors ("loss" is the mean over the micro-batch) runs under the run's precision, and its
+        loss, scaled by the micro-batch's share, is back-propagated; DDP synchronises the gradients only on the
+        last micro-batch (no_sync before). Then the guard: if any micro-batch's loss or the all-reduced gradient
+        is non-finite, the update is skipped; an optimizer step that leaves parameters non-finite is undone or
+        stops the run (UpdateGuard); the EMAs [(ema, module)] are updated only after a good update. --max-skips
+        skips in a row stop the run. Returns the losses averaged over micro-batches, with grad_norm."""
         params = [p for p in params if p.requires_grad]
         n = len(next(v for v in batch.values() if torch.is_tensor(v)))
         cuts = list(range(0, n, self.batch_gpu))
@@ -1826,7 +2019,7 @@ class Run:
             share = len(micro[next(k for k, v in batch.items() if torch.is_tensor(v))]) / n
             sync = contextlib.nullcontext() if i == len(cuts) - 1 else self.no_sync()
             with sync:
-                with self.autocast():
+                with self.precision():
                     losses = loss_fn(micro)
                 (losses["loss"] * share).backward()
             for k, v in losses.items():
@@ -1838,12 +2031,14 @@ class Run:
         ok = self._all_agree(finite * torch.isfinite(gnorm).float())
         self._lr = opt.param_groups[0]["lr"]
         if ok:
-            self._keep(opt, params)
+            self.guard.before_step(opt, params)
             opt.step()
             peaks = torch.stack(torch._foreach_norm([p.detach() for p in params], float("inf")))  # max |p| each
             ok = self._all_agree(torch.isfinite(peaks).all().float())
-            if not ok:                                    # the step itself overflowed: undo it
-                self._roll_back(opt, params)
+            if not ok and not self.guard.undo(opt, params):   # the step itself overflowed and cannot be undone
+                self._stop(f"the update of step {self._last_step + 1} turned finite gradients into non-finite "
+                           f"weights, and --guard light keeps no copy to undo it", "Lower --lr, or use --guard "
+                           f"snapshot to skip such updates")
         if ok:
             for ema, module in emas:
                 ema.update(module, self.cfg["batch_size"])
@@ -1868,32 +2063,16 @@ class Run:
         """True when flag (0/1) is 1 on every rank: every rank takes the same decision."""
         return bool(all_reduce_sum(flag.float()) == self.dist.world_size)
 
-    def _keep(self, opt, params):
-        """Copy the parameters and the optimizer state before a step, into buffers reused from step to step
-        (about three times the parameters' memory with Adam), so that an overflowing step can be undone."""
-        state = [v for p in params for v in opt.state.get(p, {}).values() if torch.is_tensor(v)]
-        tensors = [p.detach() for p in params] + state
-        if self._snapshot is None or len(self._snapshot[1]) != len(tensors):
-            self._snapshot = (opt, [torch.empty_like(t) for t in tensors], len(state))
-        torch._foreach_copy_(self._snapshot[1], tensors)
-
-    def _roll_back(self, opt, params):
-        _, copies, n_state = self._snapshot
-        state = [v for p in params for v in opt.state.get(p, {}).values() if torch.is_tensor(v)]
-        if len(state) != n_state:                         # the first step created the state: drop it
-            for p in params:
-                opt.state.pop(p, None)
-            state = []
-        with torch.no_grad():
-            torch._foreach_copy_([p.detach() for p in params] + state, copies[:len(params) + len(state)])
-
     def _stop_on_skips(self):
         self._acc["skipped_in_a_row"] = torch.tensor(float(self.skips), device=self.device) * self._acc_n
-        self._write_record(self._last_step)                             # the log shows the streak
+        self._stop(f"{self.skips} consecutive non-finite updates", "Lower --lr or check the data")
+
+    def _stop(self, what, advice):
+        """Stop the run on a bad update (exit 1), naming the last good checkpoint; the log shows the steps so far."""
+        self._write_record(self._last_step)
         where = (f"the last good checkpoint is {self.last_good[0]} (step {self.last_good[1]})" if self.last_good
                  else "no checkpoint was written")
-        raise RunError(f"{self.skips} consecutive non-finite updates; stopping ({where}). Lower --lr or check "
-                       f"the data")
+        raise RunError(f"{what}; stopping ({where}). {advice}")
 
     # -- logging -------------------------------------------------------------------------------
     def kimg(self, steps_done):
@@ -1922,6 +2101,11 @@ class Run:
             self._acc[k] = self._acc.get(k, 0) + v.to(self.device)
         self._acc_n += 1
         self._last_step = done = step + 1
+        if self._first_step_sec is None:   # the process's first step: compilation, autotuning, allocator warm-up
+            now = time.time()
+            self._first_step_sec, self._t_last = now - self._t_last, now
+        else:
+            self._timed_n += 1
         if done % self.cfg["log_every"] and done != self.cfg["steps"]:
             return None
         return self._write_record(done)
@@ -1933,13 +2117,15 @@ class Run:
         keys = sorted(self._acc)
         vec = all_reduce_mean(torch.stack([self._acc[k] for k in keys]) / self._acc_n)
         now = time.time()
-        sec = (now - self._t_last) / self._acc_n
+        sec = (now - self._t_last) / self._timed_n if self._timed_n else self._first_step_sec
         rec = {"step": done, "kimg": self.kimg(done)}
         rec.update({k: float(v) for k, v in zip(keys, vec.tolist())})
         if self._lr is not None:
             rec["lr"] = self._lr
         rec.update(sec_per_step=round(sec, 5), skipped=self.skipped_total)
-        self._acc, self._acc_n, self._t_last = {}, 0, now
+        if self._timed_n + 1 == self._acc_n:          # the first record: the first step apart (compilation etc.)
+            rec["first_step_sec"] = round(self._first_step_sec, 3)
+        self._acc, self._acc_n, self._t_last, self._timed_n = {}, 0, now, 0
         self.logger.write(rec)
         if self._bar is not None:
             main = {k: f"{rec[k]:.4g}" for k in ("loss", "grad_norm") if k in rec}

@@ -45,16 +45,12 @@ import common
 import dit
 
 INTERP = common.NoiseAt0()          # z_t = (1 - t) z + t x: noise z at t = 0, data x at t = 1
+wide = common.wide                  # at least fp32: bf16 outputs are widened before the loss algebra
 LOSS_NAMES = ("fm", "cd", "n2n")
 
 
 # ==============================================================================================
 # The method
-
-def fp32(x):
-    """At least fp32 (bf16 activations are upcast for losses and norms; float64 stays float64)."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
 
 def flow_map(x, t, s, F_val):
     """Eq. (9): f(x_t, t, s) = x_t + (s - t) F(x_t, t, s)."""
@@ -69,14 +65,15 @@ def guided_velocity(teacher, x, t, y, w_cfg=1.0, eta=1.0, normalize=True):
     plain L2 norm the guidance step would shrink like 1/sqrt(dimension), so no eta could carry from 2D toy
     data to 32x16x16 latents; with the RMS, eta is the per-element size of the guidance step.
 
-    The teacher runs in fp32 even under --bf16: its velocity enters the CD and N2N residuals next to
-    F_minus (from the fp32 JVP), and v_cond - v_uncond is a difference of near-equal velocities."""
-    with common.full_precision(x):
-        if y is None or w_cfg == 1.0:
-            return teacher(x, t, y=y)
-        null = torch.full_like(y, teacher.null_label)
-        v_cond, v_uncond = teacher(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, null])).chunk(2)
-    diff = fp32(v_cond) - fp32(v_uncond)                                     # (B, ...)
+    In training it is a target pass (prepare and n2n_fm_loss run it under common.target_precision): it enters
+    the CD and N2N residuals next to F_minus from the JVP, and v_cond - v_uncond is a difference of near-equal
+    velocities, taken here in fp32 at least."""
+    if y is None or w_cfg == 1.0:
+        return wide(teacher(x, t, y=y))
+    null = torch.full_like(y, teacher.null_label)
+    v_cond, v_uncond = teacher(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, null])).chunk(2)
+    v_cond, v_uncond = wide(v_cond), wide(v_uncond)
+    diff = v_cond - v_uncond                                                 # (B, ...)
     if normalize:
         rms = diff.pow(2).mean(dim=tuple(range(1, diff.dim())), keepdim=True).sqrt()
         diff = eta * diff / (rms + 1e-6)                                     # l.6
@@ -105,7 +102,7 @@ def calibrate_eta(teacher, data, cfg, device, batches=8, batch=64, seed=0):
             t = time_schedule(cfg).sample(len(x), device)
             z_t = INTERP(x, z, t)[0]
             null = torch.full_like(y, teacher.null_label)
-            with common.full_precision(z_t):
+            with common.target_precision(z_t):
                 v_cond, v_uncond = teacher(torch.cat([z_t, z_t]), torch.cat([t, t]), y=torch.cat([y, null])).chunk(2)
             diff = (v_cond - v_uncond).double()
             total += diff.pow(2).flatten(1).mean(1).sqrt().sum()
@@ -113,24 +110,44 @@ def calibrate_eta(teacher, data, cfg, device, batches=8, batch=64, seed=0):
     return float(common.all_reduce_mean(total / count))
 
 
-def adaptive_loss(pred, target, p, c, sample_weight=None):
-    """Section 4.4, adaptive loss weighting (MeanFlow/FACM): d / sg(d + c)^p per sample, d the mean
-    squared error; p = 0.5 makes it a pseudo-Huber loss, p = 0 plain MSE. Used as d_1 and d_3 of Alg. 1;
-    sample_weight [B] multiplies each sample's term."""
-    d = (fp32(pred) - fp32(target)).pow(2).flatten(1).mean(1)               # (B,)
+def adaptive_loss(residual, p, c, sample_weight=None):
+    """Section 4.4, adaptive loss weighting (MeanFlow/FACM): d / sg(d + c)^p per sample, d the mean square of
+    residual = prediction - target; p = 0.5 makes it a pseudo-Huber loss, p = 0 plain MSE. Used as d_1 and
+    d_3 of Alg. 1; sample_weight [B] multiplies each sample's term."""
+    d = wide(residual).pow(2).flatten(1).mean(1)                           # (B,)
     per_sample = d / (d.detach() + c).pow(p)
     return (per_sample if sample_weight is None else per_sample * sample_weight).mean()
 
 
+def consistency_residual(F_pred, g, weight):
+    """F_theta - v^tar with v^tar = sg(F_theta) - w g (Alg. 1 l.10-11 and l.24-25, Eq. 10 and 15).
+
+    Which F is sg(F)? Eq. (7) and (15) write F_theta - F_theta-, the trained evaluation and its own copy with
+    the gradient stopped, and so we read it: the two cancel exactly, the loss's value is ||w g||^2 and its
+    gradient that of w g . F_theta, whatever precision the gradient pass ran in. (Algorithm 1 writes sg(F_cm)
+    with F_cm from the JVP, the same number in exact arithmetic; but under --bf16 the JVP is fp32 and the
+    prediction bf16, and their difference, bf16 rounding noise, would then enter the loss and its gradient.)
+    In g itself F is the JVP's exact primal (cm_residual, n2n_residual)."""
+    F_pred = wide(F_pred)
+    return F_pred - F_pred.detach() + common.bcast(weight, g) * g
+
+
 def cosine_loss(pred, target):
-    """L_cos of Eq. (17): 1 - cosine similarity over channels, averaged over positions, per sample."""
-    cos = F.cosine_similarity(fp32(pred), fp32(target), dim=1, eps=1e-8)   # (B,) or (B, H, W)
-    return (1 - cos).flatten(1).mean(1) if cos.dim() > 1 else 1 - cos         # (B,)
+    """L_cos of Eq. (17): 1 - cosine similarity per sample, over channels at each position (averaged over
+    positions), as FACM computes it for latents (https://github.com/ali-vilab/FACM, losses.py). With a single
+    channel (the digits) a per-position cosine is +-1, the sign of each pixel, with zero gradient: the cosine
+    is then taken over the whole sample, the direction of the velocity as one vector. 2D toy points: over
+    their two coordinates."""
+    pred, target = wide(pred), wide(target)
+    if pred.dim() > 2 and pred.shape[1] == 1:
+        pred, target = pred.flatten(1), target.flatten(1)                  # (B, H*W)
+    cos = F.cosine_similarity(pred, target, dim=1, eps=1e-8)               # (B,) or (B, H, W)
+    return (1 - cos).flatten(1).mean(1) if cos.dim() > 1 else 1 - cos        # (B,)
 
 
 def fm_loss(F_fm, v_t, cos_weight=1.0):
     """d_2 of Alg. 1 l.14, Eq. (17): ||F(z_t, t, t) - v_t||^2 + L_cos(F(z_t, t, t), v_t)."""
-    mse = (fp32(F_fm) - fp32(v_t)).pow(2).flatten(1).mean(1)                 # (B,)
+    mse = (wide(F_fm) - wide(v_t)).pow(2).flatten(1).mean(1)                 # (B,)
     return (mse + cos_weight * cosine_loss(F_fm, v_t) if cos_weight else mse).mean()
 
 
@@ -157,11 +174,11 @@ def cm_residual(F_net, z_t, t, v_t, jvp=common.jvp):
     return F_minus, F_minus - v_t - common.bcast(1 - t, z_t) * dF_dt               # l.9
 
 
-def cm_target(F_minus, g, t, cfg):
-    """Alg. 1 l.10: v_cm^tar = sg(F_cm) - w_1(t) g_cm. With --clip-g, g_cm is clipped to [-1, 1] first
-    (FACM's target, https://github.com/ali-vilab/FACM, losses.py; off by default: the paper does not say)."""
-    step = g.clamp(-1, 1) if cfg["clip_g"] else g
-    return F_minus - common.bcast(weight(cfg["w1"], t), g) * step
+def cm_step(g, cfg):
+    """The g_cm that Alg. 1 l.10 subtracts, v_cm^tar = sg(F_cm) - w_1(t) g_cm. With --clip-g it is clipped to
+    [-1, 1] first (FACM's target, https://github.com/ali-vilab/FACM, losses.py; off by default: the paper
+    does not say)."""
+    return g.clamp(-1, 1) if cfg["clip_g"] else g
 
 
 def n2n_residual(F_net, velocity, z_r, r, t, v_r, lam, gam, v_t=None, literal=False, jvp=common.jvp):
@@ -199,9 +216,10 @@ def teacher_loss(model, batch, y, cfg):
 def cd_fm_loss(model, batch, y, cfg):
     """Alg. 1 l.8-15: L_cm (Eq. 10) + L_fm (Eq. 17), both from one update.
 
-    Precision under --bf16 (common.py, "Precision"): the gradient passes (the student's F here and in
-    n2n_fm_loss) may run in bf16; the targets may not: the JVPs run in fp32 (common.jvp), and so do the
-    teacher's velocities and CFG differences (guided_velocity) and v_psi of the N2N residual.
+    Precision (common.py, "Precision"): the gradient passes (the student's F here and in n2n_fm_loss) run
+    under --bf16's autocast; g is built from target passes: the JVPs (common.jvp), the teacher's velocities
+    and CFG differences (prepare) and v_psi of the N2N residual. The loss's value is ||w g||^2 whatever the
+    gradient pass's precision (consistency_residual).
 
     The JVP runs on the module without DDP and without a graph; the gradient pass is one DDP forward over
     both student evaluations, F(z_t, t, 1) and F(z_t, t, t), batched (DDP allows one forward per backward)."""
@@ -209,8 +227,7 @@ def cd_fm_loss(model, batch, y, cfg):
     with_cd, with_fm = "cd" in cfg["losses"], "fm" in cfg["losses"]
     net = common.unwrap(model)
     if with_cd:
-        F_minus, g = cm_residual(lambda x, a, b: net(x, a, b, y=y), z_t, t, v_t)
-        target = cm_target(F_minus, g, t, cfg)                                             # l.10
+        _, g = cm_residual(lambda x, a, b: net(x, a, b, y=y), z_t, t, v_t)                 # l.8-9
     s = [torch.ones_like(t)] * with_cd + [t] * with_fm                                     # l.8: s = 1; l.13: s = t
     k = len(s)
     F_all = model(torch.cat([z_t] * k), torch.cat([t] * k), torch.cat(s),
@@ -219,8 +236,9 @@ def cd_fm_loss(model, batch, y, cfg):
     if with_cd:
         # l.11, d_1; FACM weighs it by cos(pi t / 2) (1 at the noise end, 0 at the data end), off by default
         cm_weight = torch.cos(math.pi / 2 * t) if cfg["cm_weight"] == "cos" else None
-        out["cm"] = adaptive_loss(F_all[0], target, cfg["adaptive_p"], cfg["adaptive_c"], cm_weight)
-        out["g_cm"] = fp32(g).pow(2).mean().sqrt()                                        # RMS, a diagnostic
+        residual = consistency_residual(F_all[0], cm_step(g, cfg), weight(cfg["w1"], t))     # l.10
+        out["cm"] = adaptive_loss(residual, cfg["adaptive_p"], cfg["adaptive_c"], cm_weight)
+        out["g_cm"] = wide(g).pow(2).mean().sqrt()                                        # RMS, a diagnostic
         loss = loss + out["cm"]
     if with_fm:
         out["fm"] = fm_loss(F_all[-1], v_t, cfg["fm_cos"])                                  # l.14, d_2
@@ -237,26 +255,24 @@ def n2n_fm_loss(model, velocity, batch, y, cfg):
     net = common.unwrap(model)
 
     @torch.no_grad()
-    def v_phi(x, s):                                    # a target's velocity: fp32, no dropout of its own
-        if velocity is not None:
-            return fp32(velocity(x, s, y))
-        with common.eval_mode(net), common.full_precision(x):
-            return net(x, s, s, y=y)
-    F_minus, g = n2n_residual(lambda x, a, b: net(x, a, b, y=y), v_phi, z_r, r, t, v_r, cfg["lam"],
-                              cfg["gamma"], batch["v_t"], cfg["n2n_form"] == "literal")
-    target = F_minus - common.bcast(weight(cfg["w2"], t, r), g) * g                          # l.24
+    def v_phi(x, s):                                    # a target pass, with no dropout of its own
+        with common.eval_mode(net), common.target_precision(x):
+            return wide(velocity(x, s, y) if velocity is not None else net(x, s, s, y=y))
+    _, g = n2n_residual(lambda x, a, b: net(x, a, b, y=y), v_phi, z_r, r, t, v_r, cfg["lam"],
+                        cfg["gamma"], batch["v_t"], cfg["n2n_form"] == "literal")             # l.22-23
     with_fm = "fm" in cfg["losses"]
     if with_fm:                                         # F(z_r, r, t) and F(z_t, t, t) in one DDP forward
         y2 = None if y is None else torch.cat([y, y])
         F_n2n, F_fm = model(torch.cat([z_r, batch["z_t"]]), torch.cat([r, t]), torch.cat([t, t]), y=y2).chunk(2)
     else:
         F_n2n = model(z_r, r, t, y=y)
-    out = {"n2n": adaptive_loss(F_n2n, target, cfg["adaptive_p"], cfg["adaptive_c"])}     # l.25, d_3
+    residual = consistency_residual(F_n2n, g, weight(cfg["w2"], t, r))                   # l.24
+    out = {"n2n": adaptive_loss(residual, cfg["adaptive_p"], cfg["adaptive_c"])}           # l.25, d_3
     loss = out["n2n"]
     if with_fm:
         out["fm_n2n"] = fm_loss(F_fm, batch["v_t"], cfg["fm_cos"])                         # l.26-27, d_2
         loss = loss + out["fm_n2n"]
-    out["g_n2n"] = fp32(g).pow(2).mean().sqrt()                                          # RMS, a diagnostic
+    out["g_n2n"] = wide(g).pow(2).mean().sqrt()                                          # RMS, a diagnostic
     return {"loss": loss, **{k: v.detach() for k, v in out.items()}}
 
 
@@ -335,13 +351,13 @@ def prepare(x, y, velocity, cfg, with_n2n):
     if velocity is None:
         batch.update(v_t=v_cond, v_r=v_cond)
         return batch
-    with torch.no_grad():
+    with torch.no_grad(), common.target_precision(z_t):                       # the teacher: target passes
         if with_n2n:                                                           # l.5 and l.20 in one call
             y2 = None if y is None else torch.cat([y, y])
             both = velocity(torch.cat([z_t, batch["z_r"]]), torch.cat([t, batch["r"]]), y2)     # (2B, ...)
-            batch["v_t"], batch["v_r"] = both.chunk(2)
+            batch["v_t"], batch["v_r"] = wide(both).chunk(2)
         else:
-            batch["v_t"] = velocity(z_t, t, y)                                 # l.5-6
+            batch["v_t"] = wide(velocity(z_t, t, y))                           # l.5-6
     return batch
 
 
@@ -484,7 +500,8 @@ def train(cfg, close=True):
     for step in run.steps(start):
         x, y = loader.next()
         with_n2n = role == "student" and "n2n" in cfg["losses"] and step % cfg["freq"] == 0   # l.17
-        batch = prepare(x, y if cfg["class_cond"] else None, velocity, cfg, with_n2n)
+        with run.precision():                                               # the teacher's passes (l.5, l.20)
+            batch = prepare(x, y if cfg["class_cond"] else None, velocity, cfg, with_n2n)
         losses = {}
         if {"cd", "fm"} & set(cfg["losses"]):                                # l.15
             losses = run.update(opt, net.parameters(), lambda b: main_loss(model, b, b["y"], cfg), batch,

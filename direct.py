@@ -74,13 +74,13 @@ def propagation_target(w_net, v_net, x0, t, dt, y=None, param="tw", cfg_scale=1.
     x'_t = x0 + t' sg[w_nu(x0, t')], with v_theta guided when cfg_scale != 1 (Table 5).
 
     Its passes run in eval mode: v_theta is trained with label dropout (for CFG), and a target whose "guided"
-    velocity were unguided for a random tenth of the batch would be noise. They run in fp32 under --bf16
-    (common.full_precision): the target's new information is the step dt/t' (v - w), about 1% of w, the
-    size of bf16's rounding of w."""
-    with common.eval_mode(w_net, v_net), common.full_precision(x0):
-        w_prev = w_net(x0, t, y=y)                                            # sg[w_nu(x0, t')]
-        v = velocity(v_net, flow(w_prev, x0, t, param), t, y, cfg_scale)
-        return propagate(w_prev, v, t, dt, param)
+    velocity were unguided for a random tenth of the batch would be noise. They are target passes
+    (common.target_precision; IEEE fp32 under the exact policy): the target's new information is the step
+    dt/t' (v - w), about 1% of w, the size of bf16's rounding of w."""
+    with common.eval_mode(w_net, v_net), common.target_precision(x0):
+        w_prev = common.wide(w_net(x0, t, y=y))                               # sg[w_nu(x0, t')]
+        v = common.wide(velocity(v_net, flow(w_prev, x0, t, param), t, y, cfg_scale))
+    return propagate(w_prev, v, t, dt, param)
 
 
 def propagation_loss(w_model, v_model, x0, t, dt, y=None, param="tw", stop_grad=True, cfg_scale=1.0):
@@ -89,7 +89,10 @@ def propagation_loss(w_model, v_model, x0, t, dt, y=None, param="tw", stop_grad=
         x'_t = x0 + t' sg[w_nu(x0, t')].
     The loss trains nu only: v_theta is evaluated without gradient to theta (theta learns from Eq. 15
     alone). stop_grad=False is the Table 3 ablation: the gradient then also flows through w_nu(x0, t')
-    and through x'_t into v_theta's input (not into theta); v_theta still runs in eval mode and fp32."""
+    and through x'_t into v_theta's input (not into theta); v_theta still runs in eval mode, as a target pass.
+    There w_nu(x0, t') is both a prediction (its gradient) and part of the target (its value): where the
+    gradient pass does not compute it as a target pass would (--bf16 under the exact policy, TF32), its value
+    comes from a target pass and its gradient from the gradient pass (w + sg(w_exact - w))."""
     w_net, v_net = common.unwrap(w_model), common.unwrap(v_model)
     if stop_grad:
         target = propagation_target(w_net, v_net, x0, t, dt, y, param, cfg_scale)
@@ -97,9 +100,20 @@ def propagation_loss(w_model, v_model, x0, t, dt, y=None, param="tw", stop_grad=
     # both w evaluations in one call: DDP allows one forward per backward
     y2 = None if y is None else torch.cat([y, y])
     w_prev, w_next = w_model(torch.cat([x0, x0]), torch.cat([t, t + dt]), y=y2).chunk(2)
-    with common.eval_mode(v_net), common.full_precision(x0):
-        v = velocity(frozen(v_net), flow(w_prev.float(), x0, t, param), t, y, cfg_scale)
-    return mse(w_next, propagate(w_prev, v, t, dt, param))
+    return mse(w_next, ablation_target(w_prev, w_net, v_net, x0, t, dt, y, param, cfg_scale))
+
+
+def ablation_target(w_prev, w_net, v_net, x0, t, dt, y=None, param="tw", cfg_scale=1.0):
+    """Table 3's target without stop-gradients: (t' - dt)/t' w_nu(x0, t') + dt/t' v_theta(x'_t, t') with the
+    gradient through w_prev = w_nu(x0, t') of the gradient pass, in both places."""
+    w_prev = common.wide(w_prev)
+    if not common.reuse_for_target(x0):
+        with torch.no_grad(), common.target_precision(x0):
+            w_exact = common.wide(w_net(x0, t, y=y))
+        w_prev = w_prev + (w_exact - w_prev).detach()
+    with common.eval_mode(v_net), common.target_precision(x0):
+        v = common.wide(velocity(frozen(v_net), flow(w_prev, x0, t, param), t, y, cfg_scale))
+    return propagate(w_prev, v, t, dt, param)
 
 
 def frozen(module):
@@ -127,8 +141,8 @@ def direct_losses(v_model, w_model, batch, cfg):
     """One step of Algorithm 1 on a (micro-)batch of draws: both losses (the networks are independent, so
     one backward of their sum updates each with its own gradient).
 
-    Precision under --bf16 (common.py, "Precision"): the two gradient passes (v_theta on Eq. 15, w_nu at
-    t' + dt) may run in bf16; the propagation target's passes run in fp32 (propagation_target)."""
+    Precision (common.py, "Precision"): the two gradient passes (v_theta on Eq. 15, w_nu at t' + dt) run
+    under --bf16's autocast; the propagation target's passes are target passes (propagation_target)."""
     x1, y, x0 = batch["x1"], batch["y"], batch["x0"]
     L_cfm = cfm_loss(v_model, x1, x0, batch["t"], y)                                   # l.5-7
     L_prop = propagation_loss(w_model, v_model, x0, batch["t_prime"], cfg["dt"], y, cfg["param"],

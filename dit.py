@@ -42,7 +42,11 @@ except ImportError:  # pragma: no cover
 # Building blocks
 
 def _under_forward_ad(x):
-    """True when x carries a forward-mode tangent (torch.func.jvp wraps tensors; forward_ad makes duals)."""
+    """True when x carries a forward-mode tangent (torch.func.jvp wraps tensors; forward_ad makes duals). Inside
+    torch.compile (--compile: the gradient passes) there is none: the JVPs run eagerly (common.jvp), and the
+    check itself, a C++ helper Dynamo cannot trace, would break the graph at every layer."""
+    if torch.compiler.is_compiling():
+        return False
     return is_functorch_wrapped_tensor(x) or fwAD.unpack_dual(x).tangent is not None
 
 
@@ -69,11 +73,14 @@ class _AttentionJVP(torch.autograd.Function):
         q, k, v, out = ctx.saved_tensors
         q_t, k_t, v_t = (torch.zeros_like(a) if a_t is None else a_t for a, a_t in ((q, q_t), (k, k_t), (v, v_t)))
         scale = q.shape[-1] ** -0.5
-        P = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)                  # (B, h, T, T)
+        # Under bf16 autocast (the faster precision policy) the matmuls run in bf16, the softmax and the
+        # elementwise products in fp32, like the fused kernel's own softmax.
+        P = _wide((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)            # (B, h, T, T)
         # dS as one matmul over the concatenated head dimension: [q_t, q] [k, k_t]^T = q_t k^T + q k_t^T
         dS = torch.cat([q_t * scale, q * scale], -1) @ torch.cat([k, k_t], -1).transpose(-2, -1)
-        PdS = dS.mul_(P)                                                          # P * dS, (B, h, T, T)
-        return PdS @ v - PdS.sum(dim=-1, keepdim=True) * out + P @ v_t           # (B, h, T, d)
+        PdS = _wide(dS).mul_(P)                                                   # P * dS, (B, h, T, T)
+        out_t = PdS @ v - PdS.sum(dim=-1, keepdim=True) * out + P @ v_t          # (B, h, T, d)
+        return out_t.to(out.dtype)
 
     @staticmethod
     def backward(ctx, grad):
@@ -137,9 +144,24 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+def _wide(x):
+    """At least fp32 (float64 stays float64): the parts of a pass that stay fp32 under bf16 autocast."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def pixel_norm(x, eps=1e-8):
-    """Karras et al. 2017 pixel norm over the channel (last) dimension: x / rms(x)."""
+    """Karras et al. 2017 pixel norm over the channel (last) dimension: x / rms(x), in fp32 at least."""
+    x = _wide(x)
     return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm computed in fp32 at least, also under bf16 autocast (CUDA's autocast does so for layer_norm,
+    the CPU's does not): a norm divides by a spread that bf16 resolves to about three digits."""
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(_wide(x), self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 def sinusoidal_embedding(t, dim, max_period=10000.0):
@@ -168,7 +190,10 @@ class ScalarEmbedder(nn.Module):
             nn.init.zeros_(self.mlp[2].bias)
 
     def forward(self, t):
-        return self.mlp(sinusoidal_embedding(self.scale * t, self.freq_dim))
+        # fp32 at least, also under bf16 autocast: high-frequency features of t (and, inside the JVPs, their
+        # derivatives in t) would lose most of their digits in bf16; the layer is tiny.
+        with torch.autocast(t.device.type, enabled=False):
+            return self.mlp(sinusoidal_embedding(self.scale * t, self.freq_dim))
 
 
 class LabelEmbedder(nn.Module):
@@ -280,9 +305,9 @@ class Attention(nn.Module):
 class DiTBlock(nn.Module):
     def __init__(self, dim, num_heads, mlp_ratio=4.0, dropout=0.0, adanorm="zero"):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm1 = LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, num_heads, dropout)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm2 = LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Dropout(dropout),
                                  Linear(hidden, dim), nn.Dropout(dropout))
@@ -298,7 +323,7 @@ class DiTBlock(nn.Module):
 class FinalLayer(nn.Module):
     def __init__(self, dim, patch_size, out_channels, adanorm="zero"):
         super().__init__()
-        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm = LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.ada = Modulation(dim, 2, adanorm)
         self.linear = Linear(dim, patch_size * patch_size * out_channels)
         nn.init.zeros_(self.linear.weight)                       # adaLN-Zero: the network outputs 0 at init
@@ -376,7 +401,7 @@ class MLP(nn.Module):
         self.inp = Linear(dim, hidden_size)
         self.cond = Conditioner(hidden_size, num_classes, class_dropout, two_times, extra_cond, time_scale)
         self.blocks = nn.ModuleList(
-            nn.ModuleDict(dict(norm=nn.LayerNorm(hidden_size), fc1=Linear(hidden_size, hidden_size),
+            nn.ModuleDict(dict(norm=LayerNorm(hidden_size), fc1=Linear(hidden_size, hidden_size),
                                cproj=Linear(hidden_size, hidden_size), fc2=Linear(hidden_size, hidden_size)))
             for _ in range(depth))
         self.drop = nn.Dropout(dropout)

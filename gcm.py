@@ -33,11 +33,7 @@ from scipy import optimize
 import common
 
 INTERP = common.NoiseAt1()          # x_t = (1 - t) x + t z: data at t = 0, noise at t = 1, u_t = z - x
-
-
-def wide(x):
-    """At least fp32 (bf16 activations are upcast for the loss; float64 stays float64 for the oracle tests)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+wide = common.wide                  # at least fp32: bf16 outputs are widened before the loss algebra
 
 
 # ==============================================================================================
@@ -197,21 +193,22 @@ def flow_pair(f, f_minus, x_t, u, t, s, r):
     difference, divided by t - r ~ 0.005, would be mask noise. The no-gradient passes run on the module
     inside DDP, so exactly one forward per backward goes through DDP.
 
-    Precision: F_t may run in bf16 (--bf16); F_r and F_t_minus are fp32, since the residual multiplies their
-    difference by (s - r)/(t - r), up to about 1000. Without autocast F_t_minus is F_t's own value; under it,
-    one more forward recomputes it in fp32."""
+    Precision (common.py, "Precision"): F_t is the gradient pass (bf16 under --bf16); F_r and F_t_minus are
+    target passes (IEEE fp32 under the exact policy), since the residual multiplies their difference by
+    (s - r)/(t - r), up to about 1000. F_t_minus is F_t's own value where the gradient pass computes it as a
+    target pass would (common.reuse_for_target: fp32 on the CPU, or the faster policy); otherwise one more
+    forward computes it."""
     x_r = x_t - common.bcast(t - r, x_t) * u
     same = common.SameRandomness(x_t.device)
-    bf16 = common.autocast_active(x_t)
-    with same, torch.no_grad(), common.full_precision(x_t):
+    with same, torch.no_grad(), common.target_precision(x_t):
         F_r = f_minus(x_r, r, s)                                              # f_theta-(x_r, r, s)
     with same:
         F_t = f(x_t, t, s)                                                    # f_theta(x_t, t, s)
-    F_t_minus = wide(F_t.detach())
-    if bf16:
-        with same, torch.no_grad(), common.full_precision(x_t):
-            F_t_minus = f_minus(x_t, t, s)                                    # f_theta-(x_t, t, s) in fp32
-    return F_t, F_t_minus, F_r, x_r
+    F_t_minus = F_t.detach()
+    if not common.reuse_for_target(x_t):
+        with same, torch.no_grad(), common.target_precision(x_t):
+            F_t_minus = f_minus(x_t, t, s)                                    # f_theta-(x_t, t, s)
+    return F_t, wide(F_t_minus), wide(F_r), x_r
 
 
 def consistency_residual(u, F_t, F_t_minus, F_r, t, s, r):
@@ -291,9 +288,9 @@ def gcm_losses(model, batch, cfg, eps):
     """The training loss of a (micro-)batch of draws (Table 1, Sections 3.1-3.5): the l2-norm loss (Eq. 39;
     mmd_group = 1), the time-aware MMD (Eq. 46) or the analytic Eq. (6).
 
-    Precision under --bf16 (common.py, "Precision"): only the gradient pass f(x_t, t, s) may run in bf16.
-    The finite difference of Eq. (39) and the MMD particles are built from fp32 passes (flow_pair), and the
-    analytic JVP of Eq. (6) runs in fp32 (common.jvp)."""
+    Precision (common.py, "Precision"): only the gradient pass f(x_t, t, s) runs under --bf16's autocast. The
+    finite difference of Eq. (39) and the MMD particles are built from target passes (flow_pair), and so is
+    the analytic JVP of Eq. (6) (common.jvp)."""
     y, t, s, weight = batch["y"], batch["t"], batch["s"], batch["weight"]
     x_t, u = INTERP(batch["x"], batch["z"], t)                               # x_t = (1-t) x + t z, u_t = z - x
 

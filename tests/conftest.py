@@ -19,6 +19,45 @@ else:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+# The suite is about CPU behaviour (bit-identical resumes, quality thresholds measured on CPUs), on a machine with a
+# GPU as on one without: in this process PyTorch is made to see no GPU, so every run picks the CPU, and every
+# process a test starts gets CUDA_VISIBLE_DEVICES="" (cpu_env). The GPU has its own tests, tests/test_cuda.py
+# (marked `cuda`), which undo this for themselves and are skipped, with the reason, where there is no GPU.
+HAS_CUDA = torch.cuda.is_available()
+
+
+_cuda_is_available = torch.cuda.is_available
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: runs on a CUDA GPU (skipped where there is none)")
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("cuda") and not HAS_CUDA:
+        pytest.skip("needs a CUDA GPU; PyTorch sees none here")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cpu_unless_marked_cuda():
+    patch = pytest.MonkeyPatch()
+    patch.setattr(torch.cuda, "is_available", lambda: False)
+    yield
+    patch.undo()
+
+
+@pytest.fixture(autouse=True)
+def gpu_for_cuda_tests(request, monkeypatch):
+    """A test marked cuda sees the GPU again, for its own duration."""
+    if request.node.get_closest_marker("cuda"):
+        monkeypatch.setattr(torch.cuda, "is_available", _cuda_is_available)
+
+
+def cpu_env(**extra):
+    """The environment for a process a CPU test starts: no GPU visible, one thread per process."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "CUDA_VISIBLE_DEVICES": "", **extra}
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -30,8 +69,7 @@ def torchrun(script, *args, nproc=2, timeout=600):
     keeps torchrun's own parser off the script's flags (it would read --n as an abbreviation of its --nnodes)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
            f"--master_addr=127.0.0.1", f"--master_port={free_port()}", "--", script, *map(str, args)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture

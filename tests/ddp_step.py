@@ -31,13 +31,13 @@ def adapter(name):
     return register
 
 
-def toy_batch(data, rank, n=8):
+def toy_batch(data, rank, device, n=8):
     x, y = data.sample(n, generator=torch.Generator().manual_seed(100 + rank))
-    return x, y
+    return x.to(device), y.to(device)
 
 
 @adapter("direct")
-def direct_adapter(variant, out, rank, nodrop):
+def direct_adapter(variant, out, rank, nodrop, device):
     import direct
     args = ["--dataset", "moons", "--out", out, "--batch-size", "16", "--class-cond"]
     if variant == "no-stop-grad":
@@ -47,13 +47,13 @@ def direct_adapter(variant, out, rank, nodrop):
     cfg = direct.parse_config(args)
     data = common.load_dataset("moons")
     v, w = direct.build_models(cfg, data)
-    x1, y = toy_batch(data, rank)
+    x1, y = toy_batch(data, rank, device)
     return (cfg, [v, w], lambda: direct.draw(x1, y, cfg),
             lambda models, b: direct.direct_losses(*models, b, cfg))
 
 
 @adapter("gcm")
-def gcm_adapter(variant, out, rank, nodrop):
+def gcm_adapter(variant, out, rank, nodrop, device):
     """cu-l2: Eq. (39) with dropout (one mask for both passes); vu-mmd: VU with the time-aware MMD
     (Eq. 46); analytic: Eq. (6), the JVP on the module inside DDP; imm: shared-time MMD (Table 7i)."""
     import gcm
@@ -64,12 +64,12 @@ def gcm_adapter(variant, out, rank, nodrop):
     cfg = gcm.parse_config(["--dataset", "moons", "--out", out, "--batch-size", "16"] + flags)
     data = common.load_dataset("moons")
     net = gcm.build_model(cfg, data)
-    x, _ = toy_batch(data, rank)
+    x, _ = toy_batch(data, rank, device)
     return cfg, [net], lambda: gcm.draw(x, None, cfg), lambda models, b: gcm.gcm_losses(models[0], b, cfg, cfg["eps"])
 
 
 @adapter("scm")
-def scm_adapter(variant, out, rank, nodrop):
+def scm_adapter(variant, out, rank, nodrop, device):
     """sCT / sCD (with guidance) / discrete-time sCT: nets are F_theta and w_phi, both DDP-wrapped; the JVP
     inside scm.scm_losses runs on the unwrapped F_theta. The teacher is a frozen random network."""
     import scm
@@ -86,15 +86,15 @@ def scm_adapter(variant, out, rank, nodrop):
     if cfg["mode"] == "scd":
         teacher = scm.build_net({**cfg, "mode": "diffusion", "cfg_max": 1.0, "class_dropout": 0.1}, data)
         torch.nn.init.normal_(teacher.out.weight, std=0.3)
-        teacher.eval().requires_grad_(False)
-    x0, y = toy_batch(data, rank)
+        teacher.eval().requires_grad_(False).to(device)
+    x0, y = toy_batch(data, rank, device)
     y = y if cfg["class_cond"] else None
     return (cfg, [net, weight], lambda: scm.draw(x0, y, cfg),
             lambda models, b: scm.scm_losses(*models, b, 5, cfg, teacher))
 
 
 @adapter("decm")
-def decm_adapter(variant, out, rank, nodrop):
+def decm_adapter(variant, out, rank, nodrop, device):
     """DE-CM's two updates, each on its own: CD+FM (Alg. 1 l.8-15) and N2N+FM (l.17-28), with a
     random teacher (unguided, or CFG with velocity normalization), from scratch, and the FM teacher."""
     import decm
@@ -104,7 +104,7 @@ def decm_adapter(variant, out, rank, nodrop):
     args += ["--losses", "fm", "--class-dropout", "0" if nodrop else "0.1"] if variant == "teacher" else []
     cfg = decm.parse_config(args)
     data = common.load_dataset("moons")
-    x, y = toy_batch(data, rank)
+    x, y = toy_batch(data, rank, device)
     y = y if cond else None
     if variant == "teacher":
         net = decm.build_net(cfg, data, "teacher")
@@ -117,6 +117,7 @@ def decm_adapter(variant, out, rank, nodrop):
         with torch.no_grad():
             for p in teacher.parameters():
                 p.add_(0.1 * torch.randn_like(p))
+        teacher.to(device)
 
         def velocity(x_, t_, y_):
             return decm.guided_velocity(teacher, x_, t_, y_, cfg["w_cfg"], 0.5, cfg["velocity_norm"])
@@ -147,28 +148,33 @@ def main(method, variants, out):
     os._exit(0)
 
 
-def build(method, variant, out, rank, nodrop):
+def build(method, variant, out, rank, nodrop, device="cpu"):
+    """cfg, the networks (on `device`), this rank's batch of draws and the loss of a method variant. The cfg
+    pins the device and turns TF32 off: the checks compare updates at fp32 accuracy."""
     torch.manual_seed(0)                                           # identical initial weights on every rank
-    cfg, nets, make_batch, loss_fn = ADAPTERS[method](variant, out, rank, nodrop)
+    cfg, nets, make_batch, loss_fn = ADAPTERS[method](variant, out, rank, nodrop, device)
     with torch.no_grad():                       # leave the zero-initialised start, so every path has a gradient
         for n in nets:
             for p in n.parameters():
                 p.add_(0.05 * torch.randn_like(p))
+            n.to(device)
     torch.manual_seed(1000 + rank)                                 # per-rank random draws of the step
-    return cfg, nets, make_batch(), loss_fn
+    if device != "cpu":
+        torch.cuda.manual_seed(1000 + rank)
+    return {**cfg, "device": device, "tf32": False}, nets, make_batch(), loss_fn
 
 
 def sgd_update(cfg, nets, batch, loss_fn, batch_gpu=None, lr=0.1):
     """One common.Run.update (DDP-wrapped nets, SGD) from the RNG state at the call (Run's seeding is undone,
     so the dropout masks are those a reference pass from the same state draws); returns (p0, p1, losses)."""
-    rng = common.rng_state("cpu")
+    rng = common.rng_state(cfg["device"])
     run = common.Run({**cfg, "seed": 0, "batch_gpu": batch_gpu})
-    common.set_rng_state(rng, "cpu")
+    common.set_rng_state(rng, cfg["device"])
     models = [run.wrap(n) for n in nets]
     params = [p for n in nets for p in n.parameters()]
     opt = torch.optim.SGD(params, lr=lr)
     p0 = flat(params)
-    with common.SameRandomness():
+    with common.SameRandomness(cfg["device"]):
         losses = run.update(opt, params, lambda b: loss_fn(models, b), batch)
     return p0, flat(params), losses
 

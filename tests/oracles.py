@@ -18,19 +18,24 @@ STD_IMG = 0.5
 class AffineOracle(nn.Module):
     """out = A(t, s) * (x @ I) + B(t, s), where fn(x, t, s) (elementwise, float64) is affine in x:
     B = fn(0), A = fn(1) - fn(0). `null_label` lets the methods' CFG code call it with labels, which it
-    ignores (the conditional and unconditional velocities are then equal)."""
+    ignores (the conditional and unconditional velocities are then equal). On a CUDA GPU with TF32 on, the
+    product x @ I rounds x to TF32's 10 mantissa bits, as a real network's fp32 layers would. With `calls` a
+    list, every forward appends (bf16 autocast on, TF32 on) as it found them."""
 
-    def __init__(self, fn, width, num_classes=10):
+    def __init__(self, fn, width, num_classes=10, device="cpu"):
         super().__init__()
         self.fn = fn
-        self.register_buffer("eye", torch.eye(width, dtype=torch.float32))
+        self.register_buffer("eye", torch.eye(width, dtype=torch.float32, device=device))
         self.num_classes = num_classes
+        self.calls = None
 
     @property
     def null_label(self):
         return self.num_classes
 
     def forward(self, x, t, s=None, y=None, w=None):
+        if self.calls is not None:
+            self.calls.append((torch.is_autocast_enabled(x.device.type), common.tf32_enabled()))
         like = torch.zeros_like(x, dtype=torch.float64)
         B = self.fn(like, t, s)
         A = self.fn(like + 1, t, s) - B
@@ -110,17 +115,18 @@ def rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
 
 
-def bf16():
-    return torch.autocast("cpu", dtype=torch.bfloat16)
+def bf16(device="cpu", targets="fp32"):
+    """--bf16 on `device` (the CPU autocast the tests run, or CUDA's), with the target policy `targets`."""
+    return common.mixed_precision(device, bf16=True, targets=targets)
 
 
-def images(n, seed=0):
+def images(n, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return (MU_IMG + STD_IMG * torch.randn(n, 1, 8, 8, generator=g, dtype=torch.float64)).float()
+    return (MU_IMG + STD_IMG * torch.randn(n, 1, 8, 8, generator=g, dtype=torch.float64)).float().to(device)
 
 
-def noise(n, seed=1):
-    return torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+def noise(n, seed=1, device="cpu"):
+    return torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed)).to(device)
 
 
 def pi_half():

@@ -21,7 +21,7 @@ import decm
 import direct
 import gcm
 import scm
-from conftest import ROOT, assert_states_equal, free_port, load_state, run_cli, write_cifar_fixture
+from conftest import ROOT, assert_states_equal, cpu_env, free_port, load_state, run_cli, write_cifar_fixture
 
 MAINS = {"direct": direct.main, "gcm": gcm.main, "scm": scm.main, "decm": decm.main}
 TOY = ["--dataset", "moons", "--eval-samples", "64", "--log-every", "10"]
@@ -236,7 +236,7 @@ def test_lr_1e30_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
 
 def start_run(args, env=None):
     return subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+                            text=True, env=cpu_env(**(env or {})))
 
 
 def wait_for_log(path, proc, timeout=120):
@@ -255,7 +255,7 @@ SIGNAL_RUN = ["direct.py", "--dataset", "moons", "--steps", "400", "--log-every"
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("sig") / "full"
     res = subprocess.run([sys.executable, *SIGNAL_RUN, "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         env=cpu_env())
     assert res.returncode == 0, res.stderr[-2000:]
     return load_state(out / "ckpt.pt")
 
@@ -279,7 +279,7 @@ def test_signal_checkpoints_and_resumes_bit_identically(name, uninterrupted, tmp
     step = int(lines[-1].split("after step ")[1].split(":")[0])
     assert 0 < step < 400 and load_state(out / "ckpt.pt")["step"] == step
     res = subprocess.run([sys.executable, *SIGNAL_RUN, "--out", str(out), "--resume"], cwd=ROOT,
-                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         capture_output=True, text=True, env=cpu_env())
     assert res.returncode == 0, res.stderr[-2000:]
     assert_states_equal(without_cfg(load_state(out / "ckpt.pt")), without_cfg(uninterrupted))
     steps = [json.loads(line)["step"] for line in open(out / "log.jsonl")]
@@ -302,7 +302,7 @@ def test_sigterm_under_torchrun(tmp_path):
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
                 "--master_addr=127.0.0.1", f"--master_port={free_port()}", *SIGNAL_RUN, "--device", "cpu",
                 "--out", str(out), *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "CUDA_VISIBLE_DEVICES": ""}
+    env = cpu_env()
     full = subprocess.run(launch(tmp_path / "full"), cwd=ROOT, capture_output=True, text=True, env=env)
     assert full.returncode == 0, ranks_output(full)
     out = tmp_path / "run"

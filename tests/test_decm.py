@@ -187,14 +187,42 @@ def test_velocity_normalization_and_plain_cfg():
 def test_adaptive_and_cosine_losses():
     pred, target = torch.randn(8, 3, 4, 4), torch.randn(8, 3, 4, 4)
     d = (pred - target).pow(2).mean((1, 2, 3))
-    assert torch.isclose(decm.adaptive_loss(pred, target, 0.5, 1e-3), (d / (d + 1e-3).sqrt()).mean())
-    assert torch.isclose(decm.adaptive_loss(pred, target, 0.0, 1e-3), d.mean())
+    assert torch.isclose(decm.adaptive_loss(pred - target, 0.5, 1e-3), (d / (d + 1e-3).sqrt()).mean())
+    assert torch.isclose(decm.adaptive_loss(pred - target, 0.0, 1e-3), d.mean())
     assert torch.allclose(decm.cosine_loss(pred, pred), torch.zeros(8), atol=1e-6)
     assert torch.allclose(decm.cosine_loss(pred, -2 * pred), torch.full((8,), 2.0), atol=1e-6)
     # channels only: scaling one pixel's channel vector changes nothing
     scaled = pred.clone()
     scaled[:, :, 0, 0] *= 5
     assert torch.allclose(decm.cosine_loss(scaled, pred), torch.zeros(8), atol=1e-6)
+
+
+def test_cosine_loss_of_one_channel_images_has_a_gradient():
+    """Eq. (17)'s cosine on one-channel images (digits): per pixel it would be the sign agreement of two
+    numbers, 0 or 2 with zero gradient, adding about 1 to the logged loss. It is taken over the whole sample
+    instead: it equals 1 - cos of the flattened images, vanishes at the target, and has a gradient."""
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(6, 1, 8, 8, generator=g).requires_grad_()
+    target = torch.randn(6, 1, 8, 8, generator=g)
+    loss = decm.cosine_loss(pred, target)
+    flat = 1 - torch.nn.functional.cosine_similarity(pred.flatten(1), target.flatten(1), dim=1)
+    assert torch.allclose(loss, flat, atol=1e-6)
+    loss.sum().backward()
+    assert pred.grad.abs().max() > 1e-3
+    assert torch.allclose(decm.cosine_loss(3 * target, target), torch.zeros(6), atol=1e-6)
+    per_pixel = 1 - torch.nn.functional.cosine_similarity(pred, target, dim=1)          # what it replaced
+    assert set(per_pixel.detach().round().unique().tolist()) <= {0.0, 2.0}
+
+
+def test_consistency_residual_cancels_the_prediction():
+    """v^tar = sg(F) - w g with sg(F) the prediction's own detached value: the residual's value is w g exactly
+    (whatever the prediction's precision: a bf16 prediction included) and its gradient is that of F."""
+    F_pred = torch.randn(5, 1, 4, 4).to(torch.bfloat16).requires_grad_()
+    g, w = 1e-6 * torch.randn(5, 1, 4, 4), torch.rand(5)
+    res = decm.consistency_residual(F_pred, g, w)
+    assert res.dtype == torch.float32 and torch.equal(res.detach(), common.bcast(w, g) * g)
+    res.sum().backward()
+    assert torch.equal(F_pred.grad, torch.ones_like(F_pred))
 
 
 def test_time_schedules():
@@ -450,11 +478,10 @@ def test_facm_options():
     weight (all off by default), and the arctan-norm defaults (-0.8, 1.6) it uses."""
     t = torch.tensor([0.0, 0.25, 1.0])
     assert torch.allclose(decm.weight("1-sqrt(t)", t), torch.tensor([1.0, 0.5, 0.0]))
-    F_minus, g = torch.zeros(3, 2), torch.tensor([[3.0, -0.5], [-2.0, 0.2], [0.5, 4.0]])
+    g = torch.tensor([[3.0, -0.5], [-2.0, 0.2], [0.5, 4.0]])
     cfg = {"w1": "1", "clip_g": False}
-    assert torch.equal(decm.cm_target(F_minus, g, t, cfg), -g)
-    clipped = decm.cm_target(F_minus, g, t, {**cfg, "clip_g": True})
-    assert torch.equal(clipped, -g.clamp(-1, 1))
+    assert torch.equal(decm.cm_step(g, cfg), g)
+    assert torch.equal(decm.cm_step(g, {**cfg, "clip_g": True}), g.clamp(-1, 1))
     default = decm.parse_config(["--dataset", "moons", "--teacher-steps", "0"])
     assert not default["clip_g"] and default["cm_weight"] == "1" and default["w1"] == "1"
     arctan = decm.parse_config(["--dataset", "moons", "--teacher-steps", "0", "--t-schedule", "arctan"])

@@ -110,9 +110,9 @@ def test_update_skips_non_finite_steps(tmp_path):
 
 
 def test_an_overflowing_step_is_rolled_back(tmp_path):
-    """A finite loss and gradient whose optimizer step overflows the weights: the step is undone (weights and
-    optimizer state as before it), counted as skipped, and the EMA is not touched."""
-    run = tiny_run(tmp_path)
+    """--guard snapshot: a finite loss and gradient whose optimizer step overflows the weights: the step is undone
+    (weights and optimizer state as before it), counted as skipped, and the EMA is not touched."""
+    run = tiny_run(tmp_path, guard="snapshot")
     model = torch.nn.Linear(2, 1)
     ema = common.EMA(model, decay=0.5)
     opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
@@ -130,6 +130,28 @@ def test_an_overflowing_step_is_rolled_back(tmp_path):
     opt.param_groups[0]["lr"] = 1e-2
     linear_update(run, opt, model, x, emas=[(ema, model)])          # and training goes on
     assert run.skips == 0 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_an_overflowing_step_stops_a_light_guard_run(tmp_path):
+    """--guard light (the default) keeps no copy: the overflowing step stops the run at once, naming the last good
+    checkpoint, which stays as it was (no checkpoint is written with non-finite weights); the EMA is untouched."""
+    run = tiny_run(tmp_path)
+    os.makedirs(tmp_path / "run")
+    model = torch.nn.Linear(2, 1)
+    ema = common.EMA(model, decay=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    x = torch.randn(8, 2)
+    linear_update(run, opt, model, x, emas=[(ema, model)])
+    run.log(0, {"loss": torch.tensor(1.0)})
+    path = run.checkpoint(1, {"model": model})
+    good = open(path, "rb").read()
+    ema_before = [p.clone() for p in ema.model.parameters()]
+    opt.param_groups[0]["lr"] = 1e30
+    with pytest.raises(common.RunError, match=r"update of step 2 turned finite gradients into non-finite weights.*"
+                                              r"last good checkpoint is .*ckpt.pt \(step 1\).*--guard snapshot"):
+        linear_update(run, opt, model, x, 1e10, emas=[(ema, model)])
+    assert all(torch.equal(a, b) for a, b in zip(ema_before, ema.model.parameters()))
+    assert run.checkpoint(2, {"model": model}) is None and open(path, "rb").read() == good
 
 
 def test_micro_batches_accumulate_to_the_full_batch(tmp_path):
@@ -165,6 +187,8 @@ def test_log_records(tmp_path):
     assert [r["step"] for r in recs] == [2, 4]
     assert recs[0]["loss"] == 0.5 and recs[1]["loss"] == 2.5 and recs[1]["kimg"] == 0.032
     assert {"sec_per_step", "skipped", "grad_norm"} <= set(recs[0])
+    # the first step (compilation, warm-up) is timed apart, in the first record only
+    assert "first_step_sec" in recs[0] and "first_step_sec" not in recs[1]
 
 
 def test_checkpoint_restore_and_nan_guard(tmp_path):

@@ -1,9 +1,11 @@
-"""--bf16 keeps the maths (SPEC section 9, common.py "Precision"): for every method, at the closed-form
-Gaussian solution, the target computed under bf16 autocast (on the CPU, as --bf16 runs it there) equals
-the fp32 target to fp32 accuracy, not bf16's. The networks are tests/oracles.py's exact solutions, which
-compute through a matrix product that autocast runs in bf16 like a real network's linear layers, so a
-target pass left under autocast shows bf16 errors (printed in each test's docstring: before the fix).
-Also: targets never see label dropout, and --bf16 runs on the CPU."""
+"""--bf16 keeps the maths (SPEC sections 9 and 10, common.py "Precision"): for every method, at the closed-form
+Gaussian solution, the target computed under bf16 autocast equals the fp32 target to fp32 accuracy, not bf16's
+(the exact policy, the default); on a CUDA GPU the same holds with TF32 on outside the target passes. The
+networks are tests/oracles.py's exact solutions, which compute through a matrix product that autocast runs in
+bf16 and a GPU with TF32 rounds to TF32, like a real network's linear layers: a target pass left under autocast
+or TF32 shows those errors (printed in each test's docstring: before the fix). Also: TF32 is off inside every
+target pass and on again after it; what the faster policy (--target-precision bf16) costs at the solution;
+targets never see label dropout; --bf16 runs on the CPU."""
 import contextlib
 import copy
 import math
@@ -21,6 +23,26 @@ import oracles as O
 import scm
 
 FP32 = contextlib.nullcontext
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@contextlib.contextmanager
+def tf32(on):
+    """TF32 set as a run on a GPU sets it (common.set_tf32), restored after (a no-op for CPU arithmetic)."""
+    saved = [getattr(obj, name) for obj, name, _ in common._fp32_switches()]
+    common.set_tf32(on)
+    try:
+        yield
+    finally:
+        for (obj, name, _), value in zip(common._fp32_switches(), saved):
+            setattr(obj, name, value)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """The CPU, and a CUDA GPU with TF32 on outside the target passes, as a training run there has it."""
+    with tf32(request.param == "cuda"):
+        yield request.param
 
 
 def wake(module, std=0.05, seed=0):
@@ -30,64 +52,69 @@ def wake(module, std=0.05, seed=0):
     with torch.no_grad():
         for p in module.parameters():
             if p.dim() and not p.any():
-                p.copy_(std * torch.randn(p.shape, generator=g))
+                p.copy_(std * torch.randn(p.shape, generator=g).to(p.device))
     return module
 
 
 # ----------------------------------------------------------------------------------------------
 # GCM: the Eq. (39) finite difference and the MMD particles
 
-def gcm_setup(variant, seed=0):
+def gcm_setup(variant, seed=0, device="cpu"):
     cfg = {**gcm.parse_config(["--dataset", "moons", "--variant", variant]), "sigma_d": 0.5}
     flow = O.gcm_flow()
-    net = O.AffineOracle(O.gcm_net(flow, cfg), 8)
+    net = O.AffineOracle(O.gcm_net(flow, cfg), 8, device=device)
     g = torch.Generator().manual_seed(seed)
     n = 256
-    x, z = O.images(n, seed), O.noise(n, seed + 1)
+    x, z = O.images(n, seed, device), O.noise(n, seed + 1, device)
     t = 0.1 + 0.85 * torch.rand(n, generator=g)
     s = torch.full_like(t, cfg["t0"]) if variant == "cu" else cfg["t0"] + (t - cfg["t0"]) * torch.rand(n, generator=g)
-    return cfg, flow, net, x, z, t, s
+    return cfg, flow, net, x, z, t.to(device), s.to(device)
 
 
-@pytest.mark.parametrize("variant", ["cu", "vu"])
-def test_gcm_finite_difference_target_stays_fp32(variant):
-    """The target part of Eq. (39), u + (s - r)/(t - r) (f-(x_t) - f-(x_r)), at eps = 0.005 with the exact
-    velocity, and the MMD particles' difference: under bf16 they equal the fp32 values (computed without
-    autocast) to fp32 round-off, and both are within fp32 accuracy (times the 1/h amplification) of float64.
-    Before the fix (both passes under autocast) the error was 5.6 per sample against an O(h) residual of
-    0.011."""
-    cfg, flow, net, x, z, t, s = gcm_setup(variant)
+def gcm_targets(variant, ctx, dtype, device="cpu"):
+    """The target part of Eq. (39), T = u + (s - r)/(t - r) (f-(x_t) - f-(x_r)), with the exact velocity at
+    eps = 0.005, and the MMD particles' difference P = g_t - g_r - (r - t) f(x_t) = (t - r) T, per sample."""
+    cfg, flow, net, x, z, t, s = gcm_setup(variant, device=device)
     x_t, _ = gcm.INTERP(x, z, t)
     v = flow.velocity(x_t.double(), t.double()).float()
     r = gcm.discretize(t, s, 0.005, cfg)
+    f = lambda xx, tt, ss: gcm.f_theta(net, xx, tt, ss, cfg)                            # noqa: E731
+    xt, vv, tt, ss, rr = (a.to(dtype) for a in (x_t, v, t, s, r))
+    with ctx():
+        F_t, F_t_minus, F_r, x_r = gcm.flow_pair(f, f, xt, vv, tt, ss, rr)
+        k = torch.where((ss < rr) & (rr < tt), (ss - rr) / (tt - rr), 0.0)
+        T = vv + common.bcast(k, vv) * (F_t_minus - F_r)                                   # E + f(x_t, t, s)
+        g_t, g_r = gcm.mmd_particles(xt, x_r, F_t, F_t_minus, F_r, tt, ss, rr)
+        P = g_t - g_r - common.bcast(rr - tt, xt) * gcm.wide(F_t)                           # (t - r) T
+    return T.double(), P.double()
 
-    def target(ctx, dtype):
-        f = lambda xx, tt, ss: gcm.f_theta(net, xx, tt, ss, cfg)                        # noqa: E731
-        xt, vv, tt, ss, rr = (a.to(dtype) for a in (x_t, v, t, s, r))
-        with ctx():
-            F_t, F_t_minus, F_r, x_r = gcm.flow_pair(f, f, xt, vv, tt, ss, rr)
-            k = torch.where((ss < rr) & (rr < tt), (ss - rr) / (tt - rr), 0.0)
-            T = vv + common.bcast(k, vv) * (F_t_minus - F_r)                               # E + f(x_t, t, s)
-            g_t, g_r = gcm.mmd_particles(xt, x_r, F_t, F_t_minus, F_r, tt, ss, rr)
-            P = g_t - g_r - common.bcast(rr - tt, xt) * gcm.wide(F_t)                       # (t - r) T
-        return T.double(), P.double()
-    T16, P16 = target(O.bf16, torch.float32)
-    T32, P32 = target(FP32, torch.float32)
-    T64, P64 = target(FP32, torch.float64)
-    per_sample = lambda a, b: (a - b).flatten(1).norm(dim=1)                              # noqa: E731
-    print(f"GCM {variant}: Eq. (39) target, bf16 vs fp32 {per_sample(T16, T32).max():.1e}, "
+
+def per_sample(a, b):
+    return (a - b).flatten(1).norm(dim=1)
+
+
+@pytest.mark.parametrize("variant", ["cu", "vu"])
+def test_gcm_finite_difference_target_stays_fp32(variant, device):
+    """The target part of Eq. (39) and the MMD particles' difference: under bf16 (and on a GPU with TF32 on)
+    they equal the fp32 values (computed without autocast) to fp32 round-off, and both are within fp32 accuracy
+    (times the 1/h amplification) of float64. Before the fix (both passes under autocast) the error was 5.6 per
+    sample against an O(h) residual of 0.011."""
+    T16, P16 = gcm_targets(variant, lambda: O.bf16(device), torch.float32, device)
+    T32, P32 = gcm_targets(variant, FP32, torch.float32, device)
+    T64, P64 = gcm_targets(variant, FP32, torch.float64, device)
+    print(f"GCM {variant} on {device}: Eq. (39) target, bf16 vs fp32 {per_sample(T16, T32).max():.1e}, "
           f"fp32 vs fp64 {per_sample(T32, T64).max():.1e} per sample")
     assert per_sample(T16, T32).max() < 1e-5 and per_sample(T32, T64).max() < 1e-2
     assert per_sample(P16, P32).max() < 1e-6 and per_sample(P32, P64).max() < 1e-4
 
 
-def test_gcm_loss_under_bf16_matches_fp32():
+def test_gcm_loss_under_bf16_matches_fp32(device):
     """gcm_losses end to end (l2 loss, CU): the logged residual ||E|| under bf16 differs from fp32 only by
     the bf16 rounding of the prediction f(x_t), not by an amplified target error."""
-    cfg, flow, net, x, *_ = gcm_setup("cu")
+    cfg, flow, net, x, *_ = gcm_setup("cu", device=device)
     cfg = dict(cfg, mmd_group=1)
     res = {}
-    for name, ctx in (("fp32", FP32), ("bf16", O.bf16)):
+    for name, ctx in (("fp32", FP32), ("bf16", lambda: O.bf16(device))):
         torch.manual_seed(3)
         with ctx():
             res[name] = float(gcm.gcm_losses(net, gcm.draw(x, None, cfg), cfg, 0.005)["residual"])
@@ -97,54 +124,58 @@ def test_gcm_loss_under_bf16_matches_fp32():
 # ----------------------------------------------------------------------------------------------
 # sCM: sCD's tangent (continuous and discrete time)
 
-def scm_setup(mode="scd", discrete=0):
+def scm_setup(mode="scd", discrete=0, device="cpu"):
     sigma_d = 0.5
     flow = O.trig_flow(sigma_d)
-    student = O.AffineOracle(O.trig_consistency_F(flow, sigma_d), 8)
-    teacher = O.AffineOracle(O.trig_teacher_F(flow, sigma_d), 8)
+    student = O.AffineOracle(O.trig_consistency_F(flow, sigma_d), 8, device=device)
+    teacher = O.AffineOracle(O.trig_teacher_F(flow, sigma_d), 8, device=device)
     cfg = {**scm.DEFAULTS, "mode": mode, "sigma_d": sigma_d, "adaptive_weight": False, "warmup_iters": 0,
            "discrete_steps": discrete, "P_mean": -0.4, "P_std": 1.0}
     return cfg, student, teacher
 
 
-def test_scd_tangent_vanishes_under_bf16():
-    """sCD with the exact consistency function and the exact teacher: df/dt = 0 along the PF-ODE, so the
-    normalised tangent g/(||g|| + c) is zero up to fp32 round-off, under bf16 as in fp32. Before the fix
-    (teacher velocity under autocast) its norm was 0.07 per sample at initialisation of a DiT student."""
-    cfg, student, teacher = scm_setup()
-    x0 = O.images(256)
-    out = {}
-    for name, ctx in (("fp32", FP32), ("bf16", O.bf16)):
-        torch.manual_seed(0)
-        with ctx():
-            out[name] = math.sqrt(float(scm.scm_losses(student, None, scm.draw(x0, None, cfg), 10, cfg, teacher)["mse"]) * 64)
-    print(f"sCD normalised tangent at the exact solution: fp32 {out['fp32']:.1e}, bf16 {out['bf16']:.1e}")
+def scd_tangent_norm(ctx, device="cpu"):
+    """sCD with the exact consistency function and the exact teacher: the RMS norm per sample of the normalised
+    tangent g/(||g|| + c), which is zero at the solution (df/dt = 0 along the PF-ODE)."""
+    cfg, student, teacher = scm_setup(device=device)
+    x0 = O.images(256, device=device)
+    torch.manual_seed(0)
+    with ctx():
+        return math.sqrt(float(scm.scm_losses(student, None, scm.draw(x0, None, cfg), 10, cfg, teacher)["mse"]) * 64)
+
+
+def test_scd_tangent_vanishes_under_bf16(device):
+    """The normalised sCD tangent at the exact solution is zero up to fp32 round-off, under bf16 as in fp32 (and
+    with TF32 on, on a GPU). Before the fix (teacher velocity under autocast) its norm was 0.07 per sample at
+    initialisation of a DiT student."""
+    out = {name: scd_tangent_norm(ctx, device) for name, ctx in (("fp32", FP32), ("bf16", lambda: O.bf16(device)))}
+    print(f"sCD normalised tangent at the exact solution on {device}: fp32 {out['fp32']:.1e}, bf16 {out['bf16']:.1e}")
     assert out["fp32"] < 1e-4 and out["bf16"] < 1e-4
 
 
-def test_scd_at_initialisation_is_zero_under_bf16():
+def test_scd_at_initialisation_is_zero_under_bf16(device):
     """A real DiT student equal to its teacher (Alg. 1 l.1), tangent warmup at r = 0: the normalised target
     is exactly the teacher-vs-student velocity difference, zero to fp32 accuracy under bf16 too."""
     torch.manual_seed(0)
-    teacher = wake(dit.build_model("DiT-T/2", (1, 8, 8), time_scale=1.0, adanorm="double")).eval()
+    teacher = wake(dit.build_model("DiT-T/2", (1, 8, 8), time_scale=1.0, adanorm="double")).eval().to(device)
     student = copy.deepcopy(teacher).train()
     cfg = {**scm.DEFAULTS, "mode": "scd", "sigma_d": 0.5, "adaptive_weight": False, "warmup_iters": 100}
     torch.manual_seed(1)
-    with O.bf16():
-        mse = float(scm.scm_losses(student, None, scm.draw(O.images(64), None, cfg), 0, cfg, teacher)["mse"])
+    with O.bf16(device):
+        mse = float(scm.scm_losses(student, None, scm.draw(O.images(64, device=device), None, cfg), 0, cfg, teacher)["mse"])
     norm = math.sqrt(mse * 64)
-    print(f"sCD at initialisation under bf16: normalised target norm {norm:.1e} per sample (0.07 before the fix)")
+    print(f"sCD at initialisation under bf16 on {device}: normalised target norm {norm:.1e} per sample (0.07 before)")
     assert norm < 1e-3
 
 
-def test_discrete_scd_tangent_is_fp32_under_bf16():
+def test_discrete_scd_tangent_is_fp32_under_bf16(device):
     """Discrete-time sCD (App. E): the finite difference divides by sin(t - t'); under bf16 both F_minus
-    evaluations run in fp32, so the tangent equals the fp32 one (it is O(step), not zero, at the exact
+    evaluations are target passes, so the tangent equals the fp32 one (it is O(step), not zero, at the exact
     solution)."""
-    cfg, student, teacher = scm_setup(discrete=64)
-    x0 = O.images(256)
+    cfg, student, teacher = scm_setup(discrete=64, device=device)
+    x0 = O.images(256, device=device)
     out = {}
-    for name, ctx in (("fp32", FP32), ("bf16", O.bf16)):
+    for name, ctx in (("fp32", FP32), ("bf16", lambda: O.bf16(device))):
         torch.manual_seed(0)
         with ctx():
             out[name] = float(scm.scm_losses(student, None, scm.draw(x0, None, cfg), 10, cfg, teacher)["mse"])
@@ -152,12 +183,12 @@ def test_discrete_scd_tangent_is_fp32_under_bf16():
 
 
 # ----------------------------------------------------------------------------------------------
-# DE-CM: the CD and N2N residuals, and the CFG difference
+# DE-CM: the CD and N2N residuals and losses, and the CFG difference
 
-def decm_setup(losses):
+def decm_setup(losses, device="cpu"):
     flow = O.decm_flow()
-    student = O.AffineOracle(O.average_velocity(flow), 8)
-    teacher = O.AffineOracle(O.velocity(flow), 8)
+    student = O.AffineOracle(O.average_velocity(flow), 8, device=device)
+    teacher = O.AffineOracle(O.velocity(flow), 8, device=device)
     cfg = {**decm.DEFAULTS, **decm.ROLE_DEFAULTS["student"], "losses": losses}
 
     def velocity(x, t, y):
@@ -165,19 +196,28 @@ def decm_setup(losses):
     return cfg, student, velocity
 
 
-def test_decm_residuals_vanish_under_bf16():
+def decm_at_solution(ctx, device="cpu", losses=("fm", "cd", "n2n")):
+    """(cd_fm_loss, n2n_fm_loss) outputs with the exact student and teacher."""
+    cfg, student, velocity = decm_setup(list(losses), device)
+    x = O.images(256, device=device)
+    torch.manual_seed(0)
+    with ctx():
+        batch = decm.prepare(x, None, velocity, cfg, True)
+        return decm.cd_fm_loss(student, batch, None, cfg), decm.n2n_fm_loss(student, velocity, batch, None, cfg)
+
+
+def test_decm_residuals_and_losses_vanish_under_bf16(device):
     """At the exact flow map g_cm and g_n2n (the derived form) vanish: under bf16 too, to fp32 round-off.
-    Before the fix v_psi ran under autocast: g_n2n had an RMS of 1.4e-3 there (5.7e-8 in fp32)."""
-    cfg, student, velocity = decm_setup(["fm", "cd", "n2n"])
-    x = O.images(256)
-    for name, ctx in (("fp32", FP32), ("bf16", O.bf16)):
-        torch.manual_seed(0)
-        with ctx():
-            batch = decm.prepare(x, None, velocity, cfg, True)
-            cd = decm.cd_fm_loss(student, batch, None, cfg)
-            n2n = decm.n2n_fm_loss(student, velocity, batch, None, cfg)
-        print(f"DE-CM {name}: g_cm RMS {float(cd['g_cm']):.1e}, g_n2n RMS {float(n2n['g_n2n']):.1e}")
+    Before the fix v_psi ran under autocast: g_n2n had an RMS of 1.4e-3 there (5.7e-8 in fp32). And the CM and
+    N2N losses, whose target is sg(F) - w g with sg(F) the prediction's own value, vanish with g: before, sg(F)
+    was the fp32 JVP's primal and the bf16 prediction's rounding entered the loss (L_cm 2e-5, L_n2n 1.3e-4)."""
+    for name, ctx in (("fp32", FP32), ("bf16", lambda: O.bf16(device))):
+        cd, n2n = decm_at_solution(ctx, device)
+        print(f"DE-CM {name} on {device}: g_cm RMS {float(cd['g_cm']):.1e}, g_n2n RMS {float(n2n['g_n2n']):.1e}, "
+              f"L_cm {float(cd['cm']):.1e}, L_n2n {float(n2n['n2n']):.1e}")
         assert float(cd["g_cm"]) < 1e-5 and float(n2n["g_n2n"]) < 1e-5, name
+        # d = ||w g||^2 with w = 1 (adaptive p = 0.5: d / sqrt(d + c)), so the losses are of order g^2 / sqrt(c)
+        assert float(cd["cm"]) < 1e-9 and float(n2n["n2n"]) < 1e-9, name
 
 
 class LabelledVelocity(nn.Module):
@@ -190,39 +230,73 @@ class LabelledVelocity(nn.Module):
 
     def forward(self, x, t, s=None, y=None):
         out = self.base(x, t)
-        return out - (y == self.null_label).to(out.dtype)[:, None, None, None] * self.delta.to(out.dtype)
+        return out - (y == self.null_label).to(out.dtype)[:, None, None, None] * self.delta.to(out.device, out.dtype)
 
 
 @pytest.mark.parametrize("normalize", [False, True])
-def test_cfg_difference_is_fp32_under_bf16(normalize):
-    teacher = LabelledVelocity(O.AffineOracle(O.velocity(O.decm_flow()), 8), 1e-3 * torch.linspace(-1, 1, 64).view(1, 8, 8))
-    x, t, y = O.noise(64), torch.rand(64), torch.randint(0, 10, (64,))
+def test_cfg_difference_is_fp32_under_bf16(normalize, device):
+    """The guided teacher velocity as prepare() computes it (a target pass): its guidance term, (w - 1) times the
+    (normalised) difference v_cond - v_uncond, to fp32 accuracy under bf16."""
+    teacher = LabelledVelocity(O.AffineOracle(O.velocity(O.decm_flow()), 8, device=device),
+                               1e-3 * torch.linspace(-1, 1, 64).view(1, 8, 8))
+    x, t, y = O.noise(64, device=device), torch.rand(64).to(device), torch.randint(0, 10, (64,)).to(device)
     v_cond = teacher(x, t, y=y)
-    ref = decm.guided_velocity(teacher, x, t, y, 2.0, eta=1e-3, normalize=normalize) - v_cond
-    with O.bf16():
-        got = decm.guided_velocity(teacher, x, t, y, 2.0, eta=1e-3, normalize=normalize) - v_cond
-    # the guidance term itself, (w - 1) times the (normalised) difference, to fp32 accuracy
-    print(f"CFG guidance term under bf16 (normalize={normalize}): relative error {O.rel(got, ref):.1e}")
+
+    def guided():
+        with common.target_precision(x):
+            return decm.guided_velocity(teacher, x, t, y, 2.0, eta=1e-3, normalize=normalize) - v_cond
+    ref = guided()
+    with O.bf16(device):
+        got = guided()
+    print(f"CFG guidance term under bf16 on {device} (normalize={normalize}): relative error {O.rel(got, ref):.1e}")
     assert O.rel(got, ref) < 1e-3
 
 
 # ----------------------------------------------------------------------------------------------
-# Direct: the propagation target, and label dropout
+# Direct: the propagation target (with and without stop-gradients), and label dropout
 
-def test_direct_target_stays_fp32_under_bf16():
-    """Eq. (16)'s target with the exact w and v: under bf16 it equals the fp32 target to 1e-6 (relative), and
-    misses w(x0, t' + dt) by the forward difference's O(dt^2) only. Before the fix (under autocast) it
-    missed by 2.2e-3."""
+def direct_setup(device="cpu", n=512):
     flow = O.decm_flow()
-    w_net, v_net = O.AffineOracle(O.direct_w(flow), 8), O.AffineOracle(O.velocity(flow), 8)
-    x0 = O.noise(512)
-    t = 0.01 + 0.98 * torch.rand(512, generator=torch.Generator().manual_seed(0))
+    w_net = O.AffineOracle(O.direct_w(flow), 8, device=device)
+    v_net = O.AffineOracle(O.velocity(flow), 8, device=device)
+    x0 = O.noise(n, device=device)
+    t = (0.01 + 0.98 * torch.rand(n, generator=torch.Generator().manual_seed(0))).to(device)
+    return w_net, v_net, x0, t
+
+
+def test_direct_target_stays_fp32_under_bf16(device):
+    """Eq. (16)'s target with the exact w and v: under bf16 it equals the fp32 target to 1e-6 (relative), and
+    misses w(x0, t' + dt) by the forward difference's O(dt^2) only. Before the fix (under autocast) it missed by
+    2.2e-3."""
+    w_net, v_net, x0, t = direct_setup(device)
     T32 = direct.propagation_target(w_net, v_net, x0, t, 0.01)
-    with O.bf16():
+    with O.bf16(device):
         T16 = direct.propagation_target(w_net, v_net, x0, t, 0.01)
     exact = w_net(x0, t + 0.01)
-    print(f"Direct target under bf16: {O.rel(T16, T32):.1e} from fp32, {O.rel(T16, exact):.1e} from w(t + dt)")
+    print(f"Direct target under bf16 on {device}: {O.rel(T16, T32):.1e} from fp32, {O.rel(T16, exact):.1e} from w(t + dt)")
     assert O.rel(T16, T32) < 1e-6 and O.rel(T16, exact) < 2e-4
+
+
+def test_direct_ablation_target_without_stop_gradients(device):
+    """Table 3's --no-stop-grad target, (t' - dt)/t' w(x0, t') + dt/t' v(x'_t, t') with the gradient through
+    w(x0, t'): in float64 it is exactly the formula (no rounding to fp32 on the way: before the fix it differed
+    by 6e-6); under bf16 its value equals the fp32 one to 1e-6 although w(x0, t') comes from the bf16 gradient
+    pass (before: 1.5e-2), and the gradient still reaches that pass."""
+    w_net, v_net, x0, t = direct_setup(device)
+    dt = 0.01
+    x64, t64 = x0.double(), t.double()
+    w64 = w_net(x64, t64)
+    manual = (common.bcast(t64 - dt, w64) * w64 + dt * v_net(x64 + common.bcast(t64, w64) * w64, t64)) / common.bcast(t64, w64)
+    got = direct.ablation_target(w64, w_net, v_net, x64, t64, dt)
+    assert got.dtype == torch.float64 and float((got - manual).abs().max()) < 1e-12
+    T32 = direct.ablation_target(w_net(x0, t), w_net, v_net, x0, t, dt)
+    with O.bf16(device):
+        w_prev = w_net(x0, t).requires_grad_()                                 # the bf16 gradient pass's value
+        T16 = direct.ablation_target(w_prev, w_net, v_net, x0, t, dt)
+    print(f"Direct --no-stop-grad target under bf16 on {device}: {O.rel(T16.detach(), T32):.1e} from fp32")
+    assert w_prev.dtype == torch.bfloat16 and O.rel(T16.detach(), T32) < 1e-6
+    T16.sum().backward()
+    assert w_prev.grad is not None and w_prev.grad.abs().max() > 0
 
 
 def test_direct_guided_target_sees_no_label_dropout():
@@ -243,6 +317,117 @@ def test_direct_guided_target_sees_no_label_dropout():
 
 
 # ----------------------------------------------------------------------------------------------
+# TF32 inside the target passes (the flags are settable, and read back, on a CPU-only PyTorch too)
+
+def losses_of(method, device="cpu"):
+    """(oracle modules, loss of one step) for a method variant; the loss runs a step's gradient and target passes."""
+    if method.startswith("gcm"):
+        cfg, _, net, x, *_ = gcm_setup("cu" if method == "gcm-cu" else "vu", device=device)
+        return [net], lambda: gcm.gcm_losses(net, gcm.draw(x, None, cfg), cfg, 0.005)
+    if method.startswith("scm"):
+        cfg, student, teacher = scm_setup(discrete=64 if method == "scm-discrete" else 0, device=device)
+        x0 = O.images(64, device=device)
+        return [student, teacher], lambda: scm.scm_losses(student, None, scm.draw(x0, None, cfg), 10, cfg, teacher)
+    if method.startswith("decm"):
+        flow = O.decm_flow()
+        student = O.AffineOracle(O.average_velocity(flow), 8, device=device)
+        teacher = O.AffineOracle(O.velocity(flow), 8, device=device)
+        cfg = {**decm.DEFAULTS, **decm.ROLE_DEFAULTS["student"], "losses": ["fm", "cd", "n2n"]}
+        velocity = lambda x, t, y: decm.guided_velocity(teacher, x, t, y)          # noqa: E731
+        x = O.images(64, device=device)
+
+        def step():
+            batch = decm.prepare(x, None, velocity, cfg, True)
+            cd = decm.cd_fm_loss(student, batch, None, cfg)
+            return decm.n2n_fm_loss(student, velocity, batch, None, cfg) if method == "decm-n2n" else cd
+        return [student, teacher], step
+    w_net, v_net, x0, t = direct_setup(device, n=64)
+    stop_grad = method == "direct"
+    batch = direct.draw(torch.zeros_like(x0), None, {"dt": 0.01})
+    return [w_net, v_net], lambda: direct.direct_losses(v_net, w_net, batch, {"dt": 0.01, "param": "tw",
+                                                                               "stop_grad": stop_grad, "cfg_scale": 1.0})
+
+
+@pytest.mark.parametrize("method", ["gcm-cu", "gcm-vu", "scm", "scm-discrete", "decm-cd", "decm-n2n", "direct",
+                                    "direct-no-stop-grad"])
+def test_tf32_is_off_inside_target_passes_and_on_again_after(method):
+    """With TF32 on (as a run on a GPU sets it) and --bf16, every network call of a training step is either a
+    gradient pass, with bf16 autocast and TF32 as they were, or a target pass, with autocast and TF32 off;
+    each step has both kinds, and TF32 is on again after the step."""
+    modules, step = losses_of(method)
+    calls = []
+    for m in modules:
+        m.calls = calls
+    with tf32(True):
+        assert common.tf32_enabled()
+        torch.manual_seed(0)
+        with O.bf16("cpu"):
+            step()
+        assert common.tf32_enabled()
+    kinds = set(calls)
+    print(f"{method}: {len(calls)} calls, (autocast, TF32) seen: {sorted(kinds)}")
+    assert kinds == {(True, True), (False, False)}, kinds
+
+
+def test_target_precision_and_jvp_restore_the_flags():
+    """IEEE fp32 inside target_precision and jvp, also without autocast (fp32 training with TF32 on a GPU), and
+    every switch back to what it was afterwards, also when the block raises."""
+    seen = []
+    with tf32(True):
+        before = [getattr(obj, name) for obj, name, _ in common._fp32_switches()]
+        x = torch.randn(3, 4)
+        with common.target_precision(x):
+            seen.append(common.tf32_enabled())
+        common.jvp(lambda a: (seen.append(common.tf32_enabled()), a * a)[1], (x,), (torch.ones_like(x),))
+        with pytest.raises(RuntimeError), common.ieee_fp32():
+            seen.append(common.tf32_enabled())
+            raise RuntimeError("inside")
+        assert [getattr(obj, name) for obj, name, _ in common._fp32_switches()] == before
+        assert common.tf32_enabled() and seen == [False, False, False]
+        with O.bf16("cpu"):                                            # and the reuse rule follows the policy
+            assert not common.reuse_for_target(x)
+        with O.bf16("cpu", targets="bf16"):
+            assert common.reuse_for_target(x)
+    assert common.reuse_for_target(x)                                  # fp32 on the CPU: the gradient pass is exact
+
+
+# ----------------------------------------------------------------------------------------------
+# The faster policy (--target-precision bf16): what it costs at the closed-form solution
+
+def policy_errors(method):
+    """(exact policy, faster policy) error of a method's target at the closed-form solution under --bf16 on the
+    CPU: GCM, the Eq. (39) target's largest per-sample distance to fp32; sCD, the normalised tangent's RMS
+    norm (0 at the solution); DE-CM, g_cm's and g_n2n's RMS (0 at the solution); Direct, the propagation
+    target's relative distance to fp32."""
+    out = []
+    for targets in ("fp32", "bf16"):
+        ctx = lambda: O.bf16("cpu", targets)                                             # noqa: E731
+        if method.startswith("gcm"):
+            T, _ = gcm_targets(method[-2:], ctx, torch.float32)
+            out.append(float(per_sample(T, gcm_targets(method[-2:], FP32, torch.float32)[0]).max()))
+        elif method == "scm":
+            out.append(scd_tangent_norm(ctx))
+        elif method.startswith("decm"):
+            cd, n2n = decm_at_solution(ctx)
+            out.append(float(cd["g_cm"] if method == "decm-cd" else n2n["g_n2n"]))
+        else:
+            w_net, v_net, x0, t = direct_setup()
+            with ctx():
+                T = direct.propagation_target(w_net, v_net, x0, t, 0.01)
+            out.append(O.rel(T, direct.propagation_target(w_net, v_net, x0, t, 0.01)))
+    return out
+
+
+@pytest.mark.parametrize("method", ["gcm-cu", "scm", "decm-cd", "decm-n2n", "direct"])
+def test_faster_policy_runs_the_targets_in_bf16(method):
+    """The faster policy really moves the target passes to bf16: its error at the solution is of bf16's size,
+    at least 100x the exact policy's (the README's precision table prints both)."""
+    exact, fast = policy_errors(method)
+    print(f"{method}: target error at the solution, exact policy {exact:.2e}, faster policy {fast:.2e}")
+    assert fast > 100 * exact and fast > 1e-4
+
+
+# ----------------------------------------------------------------------------------------------
 # --bf16 on the CPU
 
 def test_bf16_autocast_runs_on_the_cpu(tmp_path):
@@ -250,8 +435,8 @@ def test_bf16_autocast_runs_on_the_cpu(tmp_path):
            "bf16": True, "device": "cpu"}
     run = common.Run(cfg)
     lin = nn.Linear(4, 4)
-    with run.autocast():
+    with run.precision():
         out = lin(torch.randn(2, 4))
-        with common.full_precision(out):
+        with common.target_precision(out):
             kept = lin(torch.randn(2, 4))
     assert out.dtype == torch.bfloat16 and kept.dtype == torch.float32
