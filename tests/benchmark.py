@@ -1,19 +1,24 @@
 """Side-by-side figures for the README (not a test: run it by hand).
 
     python tests/benchmark.py                         # CPU default: DiT-S/2 at 32x32, batch 8
-    python tests/benchmark.py --model DiT-B/2 --batch 64 --device cuda --bf16 --json bench.json
+    python tests/benchmark.py --skip toy digits --device cuda --model DiT-B/2 --batch 128 --bf16 --json bench.json
+    python tests/benchmark.py --skip toy digits --device cuda --model DiT-XL/2 --batch 64 --channels 4 --bf16
 
-Table a, training-step cost: one full update of each method (and its variants) against a plain
-flow-matching update of the same backbone, batch and device. Steps are interleaved round-robin so
-that machine drift hits every variant alike; the table gives the median seconds per step and the
-median over rounds of the per-round ratio to flow matching (and the peak-memory ratio on CUDA). An
-entry whose issue sets its goal against another step (sCM: its own diffusion step) also gets the ratio
-to that reference, and every goal is printed as met or not met.
+Table a, training-step cost: one full update of each method (and its variants) against its reference step,
+plain flow matching of the same backbone, batch and device (sCM: its own diffusion step). One entry is built
+at a time, so the largest model fits one GPU: for each reference, blocks of `--repeats` timed updates (after
+`--warmup` untimed ones, which also absorb torch.compile's compilation) alternate between the reference and
+each of its entries, R E1 R E2 R ..., each block built alone and freed after; an entry's ratio is its median
+over the mean of the reference medians just before and after it, so drift cancels. Per row: seconds per
+update, the ratio, the peak memory of that entry alone (CUDA: the peak over what was allocated before it was
+built), the FLOPs of one update (counted by torch.utils.flop_counter on an eager build at a small batch, scaled
+to the batch) and the TFLOP/s they give, against the device's peak when it is known (PEAK_TFLOPS or
+--peak-tflops). An entry that cannot take the batch (an MMD group larger than it) is skipped with the reason.
 
 Every entry of STEPS builds its update from the method file's own draw and loss functions, through
-common.Run.update (the guarded update every training loop uses, snapshot for rollback included):
+common.Run.update (the guarded update every training loop uses) and Run.wrap (DDP, --compile):
     @step_cost("<method>/<variant>", reference="fm/plain", goal=None)
-    def builder(model_name, batch, size, run) -> step()                                (one update)
+    def builder(spec, run) -> step()            (one update; spec: model, batch, size, channels)
 
 Table b, sample quality on a 2D toy set: every entry of TOYS trains its method with the method's
 own toy preset through the script's `main` (in this process) and returns the sliced Wasserstein
@@ -24,23 +29,28 @@ steps=None keeps the preset's length (--toy-steps shortens every run for a smoke
 the noise prior and the data-vs-data floor (two independent held-out sets of the same size).
 
 Table c, sample quality on real images (scikit-learn's 8x8 digits, DiT-T/2): every entry of DIGITS trains
-with its method's digits preset through the script's `main` and returns the digits figure its run wrote to
+with its method's digits preset through the script's `main` and returns the digits figure its runs wrote to
 eval.json (Frechet distance to the held-out digits in a small classifier's features, and the effective
 number of classes), per sampler and NFE:
-    DIGITS["<entry>"] = runner(out, steps, flags) -> {"<method>/<sampler>": {nfe: {"fd": x, "modes": y}}}
+    DIGITS["<entry>"] = runner(runs, steps, flags) -> {"<method>/<sampler>": {nfe: {"fd": x, "modes": y}}}
+Each entry is one chain of runs (a teacher, then what distils it) in its own folders under `runs`; with
+--digits-jobs N the entries run as N processes at a time (on one GPU: --digits-flags='--device cuda').
 The flow-matching baseline is DE-CM's teacher (`decm.py --losses fm`, plain flow matching on the same DiT
 and step budget) with Euler steps; the table adds the floor (held-out vs training digits) and the ceiling
 (Gaussian noise), and checks the goals of the digits issue.
 """
 import argparse
 import contextlib
+import gc
 import json
 import os
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -57,6 +67,15 @@ TOY_NFES = (1, 2, 4, 100)
 DIGITS = {}
 DIGITS_NFES = (1, 2, 4, 8, 100)
 TOY_EVAL_SAMPLES = 4096                 # the scripts' default --eval-samples for toy sets
+# Dense peak TFLOP/s (bf16, TF32) of tensor-core GPUs, from NVIDIA's data sheets (SXM parts unless named); the
+# device name is matched against the longest key it contains. --peak-tflops overrides.
+PEAK_TFLOPS = {"A100": (312, 156), "A800": (312, 156), "H100": (989, 494), "H100 PCIe": (756, 378),
+               "H100 NVL": (835, 418), "H800": (989, 494), "H200": (989, 494), "H200 NVL": (835, 418),
+               "GH200": (989, 494), "L40S": (362, 183), "B200": (2250, 1100)}
+
+
+class Skip(Exception):
+    """An entry that cannot run at this setting; its row gives the reason."""
 
 
 def step_cost(name, reference="fm/plain", goal=None):
@@ -109,24 +128,25 @@ class ImageShape:
         self.shape, self.num_classes = (channels, size, size), num_classes
 
 
-def backbone(model_name, size, **kw):
-    return common.build_backbone({"model": model_name}, ImageShape(size), **kw)
+def backbone(spec, **kw):
+    return common.build_backbone({"model": spec.model}, ImageShape(spec.size, spec.channels), **kw)
 
 
-def batch_of(batch, size, device):
-    return torch.randn(batch, 3, size, size, device=device)
+def batch_of(spec, device):
+    return torch.randn(spec.batch, spec.channels, spec.size, spec.size, device=device)
 
 
 @step_cost("fm/plain")
-def fm_step(model_name, batch, size, run):
+def fm_step(spec, run):
     """The reference: flow matching, x_t = (1-t) z + t x, one forward-backward, AdamW."""
-    net = backbone(model_name, size).to(run.device)
+    net = backbone(spec)
+    model = run.wrap(net)
     opt = common.make_optimizer("adamw", net.parameters(), 1e-4)
-    x = batch_of(batch, size, run.device)
+    x = batch_of(spec, run.device)
 
     def loss_fn(b):
         x_t, v = common.NoiseAt0()(b["x"], b["z"], b["t"])
-        return {"loss": (net(x_t, b["t"]) - v).float().pow(2).mean()}
+        return {"loss": (model(x_t, b["t"]) - v).float().pow(2).mean()}
 
     def step():
         batch = dict(x=x, z=torch.randn_like(x), t=torch.rand(len(x), device=x.device))
@@ -135,55 +155,61 @@ def fm_step(model_name, batch, size, run):
 
 
 @step_cost("direct/default", goal=2.8)
-def direct_step(model_name, batch, size, run):
+def direct_step(spec, run):
     """Direct Models, Alg. 1: CFM forward-backward, two forwards without gradient, w forward-backward."""
     import direct
     cfg = {**direct.DEFAULTS, "param": "tw", "stop_grad": True}
-    v, w = backbone(model_name, size).to(run.device), backbone(model_name, size).to(run.device)
+    v, w = backbone(spec), backbone(spec)
+    v_model, w_model = run.wrap(v), run.wrap(w)
     params = list(v.parameters()) + list(w.parameters())
     opt = common.make_optimizer("adamw", params, 1e-4)
-    x = batch_of(batch, size, run.device)
+    x = batch_of(spec, run.device)
 
     def step():
-        run.update(opt, params, lambda b: direct.direct_losses(v, w, b, cfg), direct.draw(x, None, cfg))
+        run.update(opt, params, lambda b: direct.direct_losses(v_model, w_model, b, cfg), direct.draw(x, None, cfg))
     return step
 
 
-def decm_setup(model_name, batch, size, run, losses):
+def decm_setup(spec, run, losses):
     """A DE-CM student (two times) and its frozen one-time teacher, unconditional, the defaults of decm.py."""
     import decm
     cfg = {**decm.DEFAULTS, **decm.ROLE_DEFAULTS["student"], "losses": losses}
-    student = backbone(model_name, size, two_times=True, time_scale=cfg["time_scale"]).to(run.device)
-    teacher = backbone(model_name, size, time_scale=cfg["time_scale"]).to(run.device).eval().requires_grad_(False)
+    student = backbone(spec, two_times=True, time_scale=cfg["time_scale"])
+    model = run.wrap(student)
+    teacher = backbone(spec, time_scale=cfg["time_scale"]).to(run.device).eval().requires_grad_(False)
     opt = common.make_optimizer("adamw", student.parameters(), 1e-4)
+
+    x = batch_of(spec, run.device)
 
     def velocity(x, t, y):
         return teacher(x, t, y=y)
-    return decm, cfg, student, opt, velocity, batch_of(batch, size, run.device)
+
+    def prepare(with_n2n):                               # the teacher's passes, under the run's precision
+        with run.precision():
+            return decm.prepare(x, None, velocity, cfg, with_n2n)
+    return decm, cfg, student, model, opt, velocity, prepare
 
 
 @step_cost("decm/cd+fm", goal=3.6)
-def decm_cd_fm_step(model_name, batch, size, run):
+def decm_cd_fm_step(spec, run):
     """DE-CM Alg. 1 l.2-15: one teacher forward without gradient, one JVP (no graph), one forward-backward
     over F(z_t, t, 1) and F(z_t, t, t) batched."""
-    decm, cfg, student, opt, velocity, x = decm_setup(model_name, batch, size, run, ["fm", "cd"])
+    decm, cfg, student, model, opt, velocity, prepare = decm_setup(spec, run, ["fm", "cd"])
 
     def step():
-        batch = decm.prepare(x, None, velocity, cfg, False)
-        run.update(opt, student.parameters(), lambda b: decm.cd_fm_loss(student, b, None, cfg), batch)
+        run.update(opt, student.parameters(), lambda b: decm.cd_fm_loss(model, b, None, cfg), prepare(False))
     return step
 
 
 @step_cost("decm/n2n+fm")
-def decm_n2n_fm_step(model_name, batch, size, run):
+def decm_n2n_fm_step(spec, run):
     """DE-CM Alg. 1 l.17-28: the teacher at z_t and z_r (one batched forward; in training it is shared with
     that iteration's CD+FM update), one JVP, the teacher at f(z_r, r, t) for v_psi, one forward-backward
     over F(z_r, r, t) and F(z_t, t, t) batched."""
-    decm, cfg, student, opt, velocity, x = decm_setup(model_name, batch, size, run, ["fm", "cd", "n2n"])
+    decm, cfg, student, model, opt, velocity, prepare = decm_setup(spec, run, ["fm", "cd", "n2n"])
 
     def step():
-        batch = decm.prepare(x, None, velocity, cfg, True)
-        run.update(opt, student.parameters(), lambda b: decm.n2n_fm_loss(student, velocity, b, None, cfg), batch)
+        run.update(opt, student.parameters(), lambda b: decm.n2n_fm_loss(model, velocity, b, None, cfg), prepare(True))
     return step
 
 
@@ -198,16 +224,20 @@ def direct_toy(dataset, out, steps, flags):
 
 def gcm_step(flags):
     """A GCM update (CU unless flags say otherwise) with the paper's RAdam, built from gcm.gcm_losses."""
-    def build(model_name, batch, size, run):
+    def build(spec, run):
         import gcm
-        cfg = gcm.parse_config(["--dataset", "cifar10", "--out", run.out, "--batch-size", str(batch),
-                                "--model", model_name, "--dropout", "0"] + flags)
-        net = gcm.build_model(cfg, ImageShape(size)).to(run.device)
+        cfg = gcm.parse_config(["--dataset", "cifar10", "--out", run.out, "--batch-size", str(spec.batch),
+                                "--model", spec.model, "--dropout", "0"] + flags)
+        if spec.batch % cfg["mmd_group"]:
+            raise Skip(f"batch {spec.batch} is not a multiple of the MMD group of {cfg['mmd_group']}")
+        net = gcm.build_model(cfg, ImageShape(spec.size, spec.channels))
+        model = run.wrap(net)
         opt = common.make_optimizer(cfg["optimizer"], net.parameters(), cfg["lr"], betas=tuple(cfg["betas"]))
-        x = batch_of(batch, size, run.device)
+        x = batch_of(spec, run.device)
 
         def step():
-            run.update(opt, net.parameters(), lambda b: gcm.gcm_losses(net, b, cfg, cfg["eps"]), gcm.draw(x, None, cfg))
+            run.update(opt, net.parameters(), lambda b: gcm.gcm_losses(model, b, cfg, cfg["eps"]),
+                       gcm.draw(x, None, cfg))
         return step
     return build
 
@@ -217,26 +247,27 @@ def scm_step(mode, **flags):
     normalisation, c_noise(t) = t at time scale 1), with the same AdamW as fm/plain so the ratio measures
     the method, not the optimizer. sCT: one JVP (no graph) + one forward-backward; sCD adds the teacher's
     forward (two batched branches with CFG)."""
-    def build(model_name, batch, size, run):
+    def build(spec, run):
         import scm
         cfg = {**scm.DEFAULTS, "mode": mode, "class_cond": "cfg_max" in flags, "warmup_iters": 100, **flags}
         kw = dict(time_scale=cfg["time_scale"], adanorm=cfg["adanorm"])
         if cfg["class_cond"]:
             kw.update(num_classes=10)
-        net = backbone(model_name, size, extra_cond=scm.guided(cfg), **kw).to(run.device)
-        weight = scm.AdaptiveWeight(cfg["sigma_d"]).to(run.device)
+        net = backbone(spec, extra_cond=scm.guided(cfg), **kw)
+        weight = scm.AdaptiveWeight(cfg["sigma_d"])
+        model, weight_model = run.wrap(net), run.wrap(weight)
         params = list(net.parameters()) + list(weight.parameters())
         opt = common.make_optimizer("adamw", params, 1e-4)
-        x = batch_of(batch, size, run.device)
-        y = torch.randint(0, 10, (batch,), device=run.device) if cfg["class_cond"] else None
+        x = batch_of(spec, run.device)
+        y = torch.randint(0, 10, (spec.batch,), device=run.device) if cfg["class_cond"] else None
         teacher = None
         if mode == "scd":
-            teacher = backbone(model_name, size, class_dropout=0.1, **kw).to(run.device).eval().requires_grad_(False)
+            teacher = backbone(spec, class_dropout=0.1, **kw).to(run.device).eval().requires_grad_(False)
 
         def loss_fn(b):
             if mode == "diffusion":
-                return scm.teacher_losses(net, b, cfg)
-            return scm.scm_losses(net, weight, b, 50, cfg, teacher)
+                return scm.teacher_losses(model, b, cfg)
+            return scm.scm_losses(model, weight_model, b, 50, cfg, teacher)
 
         def step():
             run.update(opt, params, loss_fn, scm.draw(x, y, cfg))
@@ -312,11 +343,12 @@ def _nfes(*nfes):
 
 
 @digits_quality("fm+decm")
-def decm_digits(out, steps, flags):
+def decm_digits(runs, steps, flags):
     """The flow-matching baseline: DE-CM's teacher is plain flow matching (Eq. 3, uniform t, no cosine term)
     on the same DiT and step budget, sampled with Euler. Then the DE-CM student distilled from it (the
     preset's fm,cd,n2n) with the CM, Mix (Euler first, the paper's; and flow-map first) and Euler samplers."""
     import decm
+    out = os.path.join(runs, "digits-fm-decm")
     teacher = digits_eval(decm.main, ["--losses", "fm", *_nfes(*DIGITS_NFES)], os.path.join(out, "fm"), steps, flags)
     student = digits_eval(decm.main, ["--teacher", os.path.join(out, "fm", "ckpt.pt"), *_nfes(1, 2, 4),
                                       "--samplers", "cm", "mix", "mix-flowmap", "euler"],
@@ -325,75 +357,148 @@ def decm_digits(out, steps, flags):
             **{f"decm/{s}": digits_scores(student, "_" + s) for s in ("cm", "mix", "mix-flowmap", "euler")}}
 
 
-@digits_quality("scm")
-def scm_digits(out, steps, flags):
-    """sCM: the TrigFlow teacher (Eq. 4) with its PF-ODE sampler, sCT from scratch and sCD from that teacher,
-    with the consistency sampler (intermediate time 1.1 for 2 steps)."""
+@digits_quality("scm-teacher+scd")
+def scd_digits(runs, steps, flags):
+    """sCM: the TrigFlow teacher (Eq. 4) with its PF-ODE sampler, and sCD from it with the consistency sampler
+    (intermediate time 1.1 for 2 steps)."""
     import scm
+    out = os.path.join(runs, "digits-scm")
     teacher = digits_eval(scm.main, ["--mode", "diffusion", *_nfes(*DIGITS_NFES)], os.path.join(out, "teacher"),
                           steps, flags)
-    sct = digits_eval(scm.main, ["--mode", "sct", *_nfes(1, 2, 4)], os.path.join(out, "sct"), steps, flags)
     scd = digits_eval(scm.main, ["--mode", "scd", "--teacher", os.path.join(out, "teacher", "ckpt.pt"),
                                  *_nfes(1, 2, 4)], os.path.join(out, "scd"), steps, flags)
-    return {"scm/teacher-ode": digits_scores(teacher), "scm/sct": digits_scores(sct), "scm/scd": digits_scores(scd)}
+    return {"scm/teacher-ode": digits_scores(teacher), "scm/scd": digits_scores(scd)}
 
 
-@digits_quality("gcm")
-def gcm_digits(out, steps, flags):
-    """GCM, every module of Table 1: CU with the restart sampler, VU with the pushforward sampler."""
-    import gcm
-    cu = digits_eval(gcm.main, ["--variant", "cu", *_nfes(1, 2, 4)], os.path.join(out, "cu"), steps, flags)
-    vu = digits_eval(gcm.main, ["--variant", "vu", *_nfes(1, 2, 4)], os.path.join(out, "vu"), steps, flags)
-    return {"gcm/cu-restart": digits_scores(cu), "gcm/vu-pushforward": digits_scores(vu)}
+@digits_quality("scm-sct")
+def sct_digits(runs, steps, flags):
+    """sCT from scratch, with the consistency sampler."""
+    import scm
+    sct = digits_eval(scm.main, ["--mode", "sct", *_nfes(1, 2, 4)], os.path.join(runs, "digits-scm", "sct"), steps,
+                      flags)
+    return {"scm/sct": digits_scores(sct)}
+
+
+def gcm_digits(variant, sampler):
+    """GCM, every module of Table 1: CU with the restart sampler, or VU with the pushforward sampler."""
+    def runner(runs, steps, flags):
+        import gcm
+        ev = digits_eval(gcm.main, ["--variant", variant, *_nfes(1, 2, 4)], os.path.join(runs, "digits-gcm", variant),
+                         steps, flags)
+        return {f"gcm/{variant}-{sampler}": digits_scores(ev)}
+    return runner
+
+
+digits_quality("gcm-cu")(gcm_digits("cu", "restart"))
+digits_quality("gcm-vu")(gcm_digits("vu", "pushforward"))
 
 
 @digits_quality("direct")
-def direct_digits(out, steps, flags):
+def direct_digits(runs, steps, flags):
     """Direct: the one-step map, and the velocity field trained jointly with it (pure CFM) under Euler."""
     import direct
-    ev = digits_eval(direct.main, ["--euler-steps", *map(str, DIGITS_NFES)], os.path.join(out, "direct"), steps, flags)
+    ev = digits_eval(direct.main, ["--euler-steps", *map(str, DIGITS_NFES)], os.path.join(runs, "digits-direct", "direct"),
+                     steps, flags)
     return {"direct/one-step": digits_scores(ev), "direct/v-euler": digits_scores(ev, "_euler")}
 
 
-@digits_quality("cfg")
-def cfg_digits(out, steps, flags):
-    """Class-conditional runs with classifier-free guidance, for the methods that use it: a guided FM teacher
-    (label dropout 0.1; Euler with CFG scale 1.5) and the DE-CM student distilled from it with guidance
-    w_cfg 1.5 (velocity normalisation, Alg. 1 l.6); sCD with w ~ U[1, 2] as a student input from a
-    class-conditional TrigFlow teacher, sampled at 1.5; Direct with CFG 1.5 inside the propagation target."""
+# Class-conditional runs with classifier-free guidance, for the methods that use it, in runs/digits-cfg.
+@digits_quality("cfg-fm+decm")
+def cfg_decm_digits(runs, steps, flags):
+    """A guided FM teacher (label dropout 0.1; Euler with CFG scale 1.5) and the DE-CM student distilled from it
+    with guidance w_cfg 1.5 (velocity normalisation, Alg. 1 l.6)."""
     import decm
-    import direct
-    import scm
-    cond = ["--class-cond"]
-    fm = digits_eval(decm.main, ["--losses", "fm", *cond, "--w-cfg", "1.5", *_nfes(*DIGITS_NFES)],
+    out = os.path.join(runs, "digits-cfg")
+    fm = digits_eval(decm.main, ["--losses", "fm", "--class-cond", "--w-cfg", "1.5", *_nfes(*DIGITS_NFES)],
                      os.path.join(out, "fm"), steps, flags)
     de = digits_eval(decm.main, ["--teacher", os.path.join(out, "fm", "ckpt.pt"), "--w-cfg", "1.5", *_nfes(1, 2, 4)],
                      os.path.join(out, "decm"), steps, flags)
-    teacher = digits_eval(scm.main, ["--mode", "diffusion", *cond, "--class-dropout", "0.1", "--cfg-scale", "1.5",
-                                     *_nfes(8, 100)], os.path.join(out, "scm-teacher"), steps, flags)
-    scd = digits_eval(scm.main, ["--mode", "scd", *cond, "--teacher", os.path.join(out, "scm-teacher", "ckpt.pt"),
+    return {"fm/euler-cfg1.5": digits_scores(fm), "decm/auto-cfg1.5": digits_scores(de)}
+
+
+@digits_quality("cfg-scm")
+def cfg_scd_digits(runs, steps, flags):
+    """sCD with w ~ U[1, 2] as a student input from a class-conditional TrigFlow teacher, sampled at 1.5."""
+    import scm
+    out = os.path.join(runs, "digits-cfg")
+    teacher = digits_eval(scm.main, ["--mode", "diffusion", "--class-cond", "--class-dropout", "0.1", "--cfg-scale",
+                                     "1.5", *_nfes(8, 100)], os.path.join(out, "scm-teacher"), steps, flags)
+    scd = digits_eval(scm.main, ["--mode", "scd", "--class-cond", "--teacher", os.path.join(out, "scm-teacher", "ckpt.pt"),
                                  "--cfg-max", "2", "--cfg-scale", "1.5", *_nfes(1, 2, 4)],
                       os.path.join(out, "scd"), steps, flags)
-    dm = digits_eval(direct.main, [*cond, "--class-dropout", "0.1", "--cfg-scale", "1.5", "--euler-steps", "100"],
-                     os.path.join(out, "direct"), steps, flags)
-    return {"fm/euler-cfg1.5": digits_scores(fm), "decm/auto-cfg1.5": digits_scores(de),
-            "scm/teacher-ode-cfg1.5": digits_scores(teacher), "scm/scd-cfg1.5": digits_scores(scd),
-            "direct/one-step-cfg1.5": digits_scores(dm), "direct/v-euler-cfg1.5": digits_scores(dm, "_euler")}
+    return {"scm/teacher-ode-cfg1.5": digits_scores(teacher), "scm/scd-cfg1.5": digits_scores(scd)}
 
 
-def digits_table(steps, only, tmp, flags=(), data_path=None):
-    """Table c: {row: {nfe: {"fd", "modes"}}} and each row's training seconds, then the floor and ceiling."""
+@digits_quality("cfg-direct")
+def cfg_direct_digits(runs, steps, flags):
+    """Direct with CFG 1.5 inside the propagation target (label dropout 0.1 for v_theta)."""
+    import direct
+    dm = digits_eval(direct.main, ["--class-cond", "--class-dropout", "0.1", "--cfg-scale", "1.5", "--euler-steps",
+                                   "100"], os.path.join(runs, "digits-cfg", "direct"), steps, flags)
+    return {"direct/one-step-cfg1.5": digits_scores(dm), "direct/v-euler-cfg1.5": digits_scores(dm, "_euler")}
+
+
+def digits_entry(entry, runs, steps, flags, data_path):
+    """Train one entry's chain of runs; its rows and each row's training seconds."""
+    t0 = time.perf_counter()
+    rows = DIGITS[entry](runs, steps, ["--data-path", data_path, *flags])
+    return rows, {r: time.perf_counter() - t0 for r in rows}
+
+
+def digits_entries(only):
+    """The entries --only selects (a substring of the name, or the exact name)."""
+    return [e for e in DIGITS if not only or e in only or any(o in e for o in only)]
+
+
+def digits_table(steps, only, tmp, flags=(), data_path=None, jobs=1, budget=None):
+    """Table c: {row: {nfe: {"fd", "modes"}}} and each row's training seconds, then the floor and ceiling. With
+    jobs > 1 the entries run as that many processes at a time (this script with --digits-entry), each writing
+    its rows to a JSON file and its output to runs/logs/<entry>.log; those still running after `budget`
+    seconds are stopped, and the table holds the others."""
     rows, seconds = {}, {}
     data_path = data_path or os.path.join(tmp, "digits-data")
-    flags = ["--data-path", data_path, *flags]
     quality = common.DigitsQuality(data_path)                     # trains (and caches) the classifier once
-    for entry, runner in DIGITS.items():
-        if only and not any(o in entry for o in only):
-            continue
-        t0 = time.perf_counter()
-        res = runner(os.path.join(tmp, "digits-" + entry.replace("+", "-")), steps, flags)
-        seconds.update({r: time.perf_counter() - t0 for r in res})
-        rows.update(res)
+    entries = digits_entries(only)
+    if jobs <= 1:
+        for entry in entries:
+            res, secs = digits_entry(entry, tmp, steps, flags, data_path)
+            rows.update(res)
+            seconds.update(secs)
+    else:
+        os.makedirs(os.path.join(tmp, "logs"), exist_ok=True)
+        waiting, running, failed = list(entries), {}, []
+        deadline = time.time() + budget if budget else float("inf")
+        while waiting or running:
+            if time.time() > deadline:
+                for entry, (proc, _, _) in running.items():
+                    proc.terminate()
+                print(f"digits entries stopped after {budget} s: {', '.join(running)}; not started: "
+                      f"{', '.join(waiting) or 'none'}", file=sys.stderr, flush=True)
+                failed += list(running) + waiting
+                waiting = []
+            while waiting and len(running) < jobs:
+                entry = waiting.pop(0)
+                part = os.path.join(tmp, "logs", f"{entry}.json")
+                cmd = [sys.executable, os.path.abspath(__file__), "--digits-entry", entry, "--keep-runs", tmp,
+                       "--json", part, "--digits-data", data_path, "--digits-flags", shlex.join(flags)]
+                cmd += ["--digits-steps", str(steps)] if steps else []
+                log = open(os.path.join(tmp, "logs", f"{entry}.log"), "w")
+                running[entry] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log, part)
+            time.sleep(1)
+            for entry, (proc, log, part) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del running[entry]
+                if proc.returncode:
+                    failed.append(entry)
+                    continue
+                with open(part) as f:
+                    done = json.load(f)
+                rows.update({r: {int(k): v for k, v in s.items()} for r, s in done["rows"].items()})
+                seconds.update(done["seconds"])
+        if failed:
+            print(f"digits entries that failed (see {os.path.join(tmp, 'logs')}): {', '.join(failed)}", file=sys.stderr)
     floor, ceiling = quality.floor(), quality.ceiling()
     rows["held-out vs training digits (floor)"] = {0: {"fd": floor["fd"], "modes": floor["modes"]}}
     rows["Gaussian noise (ceiling)"] = {0: {"fd": ceiling["fd"], "modes": ceiling["modes"]}}
@@ -466,6 +571,11 @@ def digits_figure(runs, path, rows=DIGITS_FIGURE, per_side=8):
     cols = sorted({k for *_, nfes in rows for k in nfes})
     fig, axes = plt.subplots(len(rows), len(cols), figsize=(2.2 * len(cols), 2.35 * len(rows)), squeeze=False)
     for r, (label, folder, sampler, nfes) in enumerate(rows):
+        axes[r, 0].text(-0.08, 0.5, label, transform=axes[r, 0].transAxes, ha="right", va="center", fontsize=8)
+        if not os.path.isfile(os.path.join(runs, folder, "eval.json")):       # not run, or stopped (--digits-budget)
+            for ax in axes[r]:
+                ax.axis("off")
+            continue
         with open(os.path.join(runs, folder, "eval.json")) as f:
             fd = json.load(f)["fd" + ("_" + sampler if sampler else "")]
         for c, k in enumerate(cols):
@@ -478,63 +588,116 @@ def digits_figure(runs, path, rows=DIGITS_FIGURE, per_side=8):
             n = min(per_side, int(np.sqrt(len(x))))                 # a smoke run may hold fewer samples
             ax.imshow(common.image_grid(x[: n * n], n, pad_value=0.4), interpolation="nearest")   # grey frames
             ax.set_title(f"{k} NFE: {fd[str(k)]:.0f}", fontsize=8)
-        axes[r, 0].text(-0.08, 0.5, label, transform=axes[r, 0].transAxes, ha="right", va="center", fontsize=8)
     fig.subplots_adjust(left=0.16, right=0.99, top=1 - 0.2 / len(rows), bottom=0.01, wspace=0.06, hspace=0.3)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def measure(names, model_name, batch, size, repeats, warmup, run):
-    steps = {n: STEPS[n](model_name, batch, size, run) for n in names}
+def free_memory(run):
+    gc.collect()
+    if run.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def time_block(name, spec, run, repeats, warmup):
+    """Build entry `name` alone, run `warmup` untimed updates (compilation included), then time `repeats`
+    updates. Returns (seconds per update, peak GB of this entry alone or None on the CPU); frees it after."""
     cuda = run.device.type == "cuda"
-    times, peaks = {n: [] for n in names}, {}
-    for n in names:                                     # warm-up (and peak memory) one variant at a time
+    free_memory(run)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    step = STEPS[name](spec, run)
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
         if cuda:
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        for _ in range(warmup):
-            steps[n]()
+        step()
         if cuda:
             torch.cuda.synchronize()
-            peaks[n] = torch.cuda.max_memory_allocated()
-        print(f"warm-up {n}: {(time.perf_counter() - t0) / max(warmup, 1):.3f} s/step", file=sys.stderr, flush=True)
-    for _ in range(repeats):                            # interleaved: drift cancels in the ratios
-        for n in names:
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            steps[n]()
-            if cuda:
-                torch.cuda.synchronize()
-            times[n].append(time.perf_counter() - t0)
+        times.append(time.perf_counter() - t0)
+    peak = (torch.cuda.max_memory_allocated() - base) / 1e9 if cuda else None
+    del step
+    free_memory(run)
+    return times, peak
+
+
+def count_flops(name, spec, run, at=4):
+    """FLOPs of one update of `name` at spec.batch: counted (torch.utils.flop_counter: matmuls, convolutions,
+    attention, in the forward, backward and JVP passes) on an eager build at batch `at`, and scaled, since
+    every pass is per sample."""
+    from torch.utils.flop_counter import FlopCounterMode
+    small = SimpleNamespace(**{**vars(spec), "batch": min(at, spec.batch)})
+    eager = common.Run({**run.cfg, "compile": False, "batch_size": small.batch})
+    step = STEPS[name](small, eager)
+    with FlopCounterMode(display=False) as counter:
+        step()
+    del step
+    free_memory(run)
+    return counter.get_total_flops() * spec.batch / small.batch
+
+
+def measure(names, spec, repeats, warmup, run):
+    """Table a: per reference (fm/plain, scm/diffusion), blocks R E1 R E2 R ... (see the module docstring)."""
     out = {}
-    for n in names:
-        # The ratio is the median over rounds of this round's time over the reference's time in the same
-        # round: the two ran seconds apart, so drift (and a noisy neighbour) cancels round by round.
-        ref = REFERENCE[n]
-        out[n] = {"sec": statistics.median(times[n]),
-                  "ratio": statistics.median(a / b for a, b in zip(times[n], times["fm/plain"]))}
-        if ref != "fm/plain":
-            out[n].update(reference=ref, ref_ratio=statistics.median(a / b for a, b in zip(times[n], times[ref])))
-        if GOAL[n] is not None:
-            out[n]["goal"] = GOAL[n]
-        if cuda:
-            out[n]["mem_ratio"] = peaks[n] / peaks["fm/plain"]
-    return out
+    for ref in dict.fromkeys(REFERENCE[n] for n in names):
+        entries = [n for n in names if REFERENCE[n] == ref and n != ref]
+        ref_blocks, ref_peak = [], None
+
+        def reference_block():
+            nonlocal ref_peak
+            times, ref_peak = time_block(ref, spec, run, repeats, warmup)
+            ref_blocks.append(statistics.median(times))
+        reference_block()
+        for n in entries:
+            try:
+                times, peak = time_block(n, spec, run, repeats, warmup)
+            except Skip as e:
+                out[n] = {"skipped": str(e)}
+                print(f"{n}: skipped ({e})", file=sys.stderr, flush=True)
+                continue
+            reference_block()
+            sec = statistics.median(times)
+            out[n] = {"sec": sec, "reference": ref, "ratio": sec / statistics.mean(ref_blocks[-2:]), "peak_gb": peak}
+            if GOAL[n] is not None:
+                out[n]["goal"] = GOAL[n]
+            print(f"{n}: {sec:.4f} s/step, {out[n]['ratio']:.2f}x {ref}", file=sys.stderr, flush=True)
+        out[ref] = {"sec": statistics.median(ref_blocks), "reference": ref, "ratio": 1.0, "peak_gb": ref_peak}
+    for n, r in out.items():
+        if "sec" in r:
+            r["tflop"] = count_flops(n, spec, run) / 1e12
+            r["tflops"] = r["tflop"] / r["sec"]
+    return {n: out[n] for n in names if n in out}
 
 
-def step_table(res, cuda):
-    head = "| method / variant | sec / step | x flow matching | x reference | goal |" + (" peak memory x FM |" if cuda else "")
-    rows = [head, "|---|---|---|---|---|" + ("---|" if cuda else "")]
+def device_peak(run, bf16, override=None):
+    """The device's dense peak TFLOP/s for the precision of the gradient passes, or None where unknown."""
+    if override:
+        return override
+    if run.device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(run.device)
+    keys = [k for k in PEAK_TFLOPS if k in name]
+    return PEAK_TFLOPS[max(keys, key=len)][0 if bf16 else 1] if keys else None
+
+
+def step_table(res, peak):
+    head = "| method / variant | sec / step | x reference | goal | peak GB | TFLOP / step | TFLOP/s |" + \
+           (" % of peak |" if peak else "")
+    rows = [head, "|---|---|---|---|---|---|---|" + ("---|" if peak else "")]
     for n, r in res.items():
-        ref = f"{r['ref_ratio']:.2f} ({r['reference']})" if "reference" in r else ""
-        goal = ""
-        if "goal" in r:
-            got = r.get("ref_ratio", r["ratio"])
-            goal = f"<= {r['goal']} {'met' if got <= r['goal'] else 'NOT met'}"
-        rows.append(f"| {n} | {r['sec']:.4f} | {r['ratio']:.2f} | {ref} | {goal} |"
-                    + (f" {r['mem_ratio']:.2f} |" if cuda else ""))
+        if "skipped" in r:
+            rows.append(f"| {n} | skipped: {r['skipped']} |  |  |  |  |  |" + (" |" if peak else ""))
+            continue
+        ref = "" if r["reference"] == n else f"{r['ratio']:.2f} ({r['reference']})"
+        goal = f"<= {r['goal']} {'met' if r['ratio'] <= r['goal'] else 'NOT met'}" if "goal" in r else ""
+        mem = f"{r['peak_gb']:.1f}" if r["peak_gb"] is not None else "-"
+        rows.append(f"| {n} | {r['sec']:.4f} | {ref} | {goal} | {mem} | {r['tflop']:.3g} | {r['tflops']:.3g} |"
+                    + (f" {100 * r['tflops'] / peak:.0f} |" if peak else ""))
     return "\n".join(rows)
 
 
@@ -576,45 +739,73 @@ def main(argv=None):
     p.add_argument("--model", default="DiT-S/2")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--channels", type=int, default=3, help="image channels (4: the papers' VAE latents)")
+    p.add_argument("--repeats", type=int, default=15, help="timed updates per block")
+    p.add_argument("--warmup", type=int, default=2, help="untimed updates per block (compilation, autotuning)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"])
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast where the method allows (CUDA)")
-    p.add_argument("--only", nargs="*", help="substrings of the step names to run (fm/plain and the entries' "
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the gradient passes (--bf16 of the scripts)")
+    p.add_argument("--target-precision", default="fp32", choices=common.TARGET_PRECISIONS,
+                   help="the target passes' policy (--target-precision of the scripts; bf16 needs --bf16)")
+    p.add_argument("--no-tf32", action="store_true", help="IEEE fp32 also in the gradient passes on CUDA")
+    p.add_argument("--compile", action="store_true", help="torch.compile the gradient passes (--compile)")
+    p.add_argument("--guard", default="light", choices=common.UpdateGuard.KINDS, help="the update guard (--guard)")
+    p.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s (default: PEAK_TFLOPS by name)")
+    p.add_argument("--only", nargs="*", help="substrings of the step (and digits entry) names to run (the steps' "
                    "references always run)")
     p.add_argument("--json", help="also write the figures as JSON")
     p.add_argument("--toy-dataset", default="checkerboard", choices=common.TOY_SETS)
     p.add_argument("--toy-steps", type=int, help="shorten every toy run to this many steps (smoke test)")
     p.add_argument("--toy-flags", default="", help="extra flags for every toy run, e.g. '--eval-samples 512'")
-    p.add_argument("--digits-steps", type=int, help="shorten every digits run to this many steps (smoke test)")
+    p.add_argument("--digits-steps", type=int, help="train every digits run this many steps (the presets: 1500)")
     p.add_argument("--digits-flags", default="", help="extra flags for every digits run, one string (smoke test: "
-                   "--digits-flags='--eval-samples 32')")
+                   "--digits-flags='--eval-samples 32'; on a GPU: '--device cuda')")
     p.add_argument("--digits-data", help="data folder holding (or to hold) the digits classifier")
+    p.add_argument("--digits-jobs", type=int, default=1, help="digits entries run at a time, each in its own process")
+    p.add_argument("--digits-budget", type=float, help="with --digits-jobs: stop the entries still running after this "
+                   "many seconds (the table holds the others)")
+    p.add_argument("--digits-entry", help=argparse.SUPPRESS)          # one entry, rows to --json (--digits-jobs)
     p.add_argument("--skip", nargs="*", default=[], choices=["step-cost", "toy", "digits"], help="leave a table out")
     p.add_argument("--figure", help="draw the digits samples of every run into this PNG, the guided runs into "
                    "<name>-cfg.png (with --skip digits: from the runs already in --keep-runs)")
     p.add_argument("--keep-runs", help="write the training runs into this folder and keep them (notebooks/digits.ipynb "
                    "reads the digits runs from it with DIGITS_RUNS=DIR)")
     args = p.parse_args(argv)
+    if args.target_precision == "bf16" and not args.bf16:
+        p.error("--target-precision bf16 needs --bf16")
+    if min(args.batch, args.size, args.channels, args.repeats) < 1 or args.warmup < 0:
+        p.error("--batch, --size, --channels and --repeats must be >= 1, --warmup >= 0")
+    if args.digits_entry:                           # a process of --digits-jobs: one entry, its rows as JSON
+        rows, seconds = digits_entry(args.digits_entry, args.keep_runs, args.digits_steps,
+                                     shlex.split(args.digits_flags), args.digits_data)
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "seconds": seconds}, f)
+        return
     chosen = [n for n in STEPS if not args.only or any(s in n for s in args.only)]
-    names = [n for n in STEPS if n == "fm/plain" or n in chosen or any(REFERENCE[c] == n for c in chosen)]
+    names = [n for n in STEPS if n in chosen or any(REFERENCE[c] == n for c in chosen)]
     figures = {"setting": vars(args)}
     if args.keep_runs:
         os.makedirs(args.keep_runs, exist_ok=True)
     with (contextlib.nullcontext(args.keep_runs) if args.keep_runs else tempfile.TemporaryDirectory()) as tmp:
         if "step-cost" not in args.skip:
             cfg = {**common.COMMON_DEFAULTS, "method": "benchmark", "dataset": "cifar10", "out": tmp,
-                   "batch_size": args.batch, "device": args.device, "bf16": args.bf16}
+                   "batch_size": args.batch, "device": args.device, "bf16": args.bf16, "tf32": not args.no_tf32,
+                   "target_precision": args.target_precision, "compile": args.compile, "guard": args.guard}
             run = common.Run(cfg)
             torch.manual_seed(0)
-            res = measure(names, args.model, args.batch, args.size, args.repeats, args.warmup, run)
+            spec = SimpleNamespace(model=args.model, batch=args.batch, size=args.size, channels=args.channels)
+            res = measure(names, spec, args.repeats, args.warmup, run)
             cuda = run.device.type == "cuda"
             device = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
-            figures["step_cost"], figures["setting"]["device_name"] = res, device
-            print(f"\nTraining-step cost: {args.model} at {args.size}x{args.size}, batch {args.batch}, {device}"
-                  f"{', bf16 autocast' if args.bf16 else ''}; {args.repeats} interleaved rounds: median seconds, "
-                  f"median per-round ratio\n")
-            print(step_table(res, cuda))
+            peak = device_peak(run, args.bf16, args.peak_tflops)
+            figures["step_cost"], figures["setting"]["device_name"], figures["setting"]["peak_tflops"] = res, device, peak
+            policy = (f"bf16 autocast, target passes {'bf16' if args.target_precision == 'bf16' else 'IEEE fp32'}"
+                      if args.bf16 else f"fp32{'' if args.no_tf32 or not cuda else ' with TF32'}, target passes "
+                      f"IEEE fp32")
+            print(f"\nTraining-step cost: {args.model} at {args.size}x{args.size}x{args.channels}, batch {args.batch}, "
+                  f"{device}; {policy}{', compiled' if args.compile else ''}, guard {args.guard}; blocks of "
+                  f"{args.repeats} updates after {args.warmup} warm-up ones, median seconds, ratio to the reference's "
+                  f"blocks around it{f'; peak {peak:g} TFLOP/s' if peak else ''}\n")
+            print(step_table(res, peak))
         if "toy" not in args.skip:
             torch.manual_seed(0)
             rows, seconds = toy_table(args.toy_dataset, args.toy_steps, args.only, tmp, shlex.split(args.toy_flags))
@@ -628,7 +819,7 @@ def main(argv=None):
         if "digits" not in args.skip:
             torch.manual_seed(0)
             rows, seconds, accuracy = digits_table(args.digits_steps, args.only, tmp, shlex.split(args.digits_flags),
-                                                   args.digits_data)
+                                                   args.digits_data, args.digits_jobs, args.digits_budget)
             figures["digits"] = {f"{r}/nfe{k}": v for r, scores in rows.items() if "/" in r for k, v in scores.items()}
             figures["digits"]["floor"] = rows["held-out vs training digits (floor)"][0]
             figures["digits"]["ceiling"] = rows["Gaussian noise (ceiling)"][0]

@@ -12,18 +12,22 @@ import benchmark  # noqa: E402
 
 def test_benchmark_tables_smoke(tmp_path, capsys, digits_data):
     path = tmp_path / "bench.json"
-    benchmark.main(["--model", "DiT-T/2", "--size", "8", "--batch", "4", "--repeats", "2", "--warmup", "1",
+    benchmark.main(["--model", "DiT-T/2", "--size", "8", "--batch", "4", "--repeats", "1", "--warmup", "0",
                     "--toy-steps", "20", "--toy-dataset", "moons",
                     "--toy-flags=--eval-samples 512", "--digits-steps", "2", "--digits-data", digits_data,
                     "--digits-flags=--eval-samples 32 --batch-size 16 --n 4", "--json", str(path),
                     "--figure", str(tmp_path / "digits.png")])
     figures = json.loads(path.read_text())
-    assert set(figures["step_cost"]) == set(benchmark.STEPS)
-    assert all(r["sec"] > 0 and r["ratio"] > 0 for r in figures["step_cost"].values())
-    assert figures["step_cost"]["fm/plain"]["ratio"] == 1.0
-    sct = figures["step_cost"]["scm/sct"]            # sCM's goal is against its own diffusion step
-    assert sct["reference"] == "scm/diffusion" and sct["ref_ratio"] > 0 and sct["goal"] == 2.2
-    assert {n for n, r in figures["step_cost"].items() if "goal" in r} == {n for n, g in benchmark.GOAL.items() if g}
+    cost = figures["step_cost"]
+    assert set(cost) == set(benchmark.STEPS)
+    assert all(r["sec"] > 0 and r["ratio"] > 0 and r["tflop"] > 0 and r["tflops"] > 0 for r in cost.values())
+    assert cost["fm/plain"]["ratio"] == 1.0 and cost["scm/diffusion"]["reference"] == "scm/diffusion"
+    sct = cost["scm/sct"]                            # sCM's goal is against its own diffusion step
+    assert sct["reference"] == "scm/diffusion" and sct["goal"] == 2.2
+    assert {n for n, r in cost.items() if "goal" in r} == {n for n, g in benchmark.GOAL.items() if g}
+    # FLOPs by pass count: a forward-backward is 3 forwards; GCM's Eq. (39) adds a forward (4); sCT a JVP
+    ratio = {n: cost[n]["tflop"] / cost[benchmark.REFERENCE[n]]["tflop"] for n in cost}
+    assert abs(ratio["gcm/cu-fd-l2"] - 4 / 3) < 0.05 and 1.5 < ratio["scm/sct"] < 2.2
     toy = figures["toy"]
     for method in ("scm", "gcm", "decm", "direct"):    # each method reports its own samplers at 1 NFE at least
         assert any(k.startswith(method + "/") and k.endswith("/nfe1") for k in toy), method
@@ -43,3 +47,19 @@ def test_benchmark_tables_smoke(tmp_path, capsys, digits_data):
     text = capsys.readouterr().out
     assert "| fm/plain |" in text and "| direct/one-step |" in text and "| <= 2.2 " in text
     assert "within 2x of fm/euler at 100" in text and "| held-out vs training digits (floor) |" in text
+
+
+def test_benchmark_skips_what_a_batch_cannot_take_and_runs_digits_jobs(tmp_path, capsys, digits_data):
+    """--batch 2: the CU MMD rows (groups of 4) are skipped with the reason, the VU one (groups of 2) runs.
+    --digits-jobs 2: two digits entries train as two processes at once, their rows merged into one table."""
+    path = tmp_path / "bench.json"
+    benchmark.main(["--model", "DiT-T/2", "--size", "8", "--batch", "2", "--repeats", "1", "--warmup", "0",
+                    "--only", "gcm/cu-fd-mmd", "gcm/vu", "scm-sct", "gcm-cu", "--skip", "toy", "--digits-jobs", "2",
+                    "--digits-steps", "2", "--digits-data", digits_data, "--keep-runs", str(tmp_path / "runs"),
+                    "--digits-flags=--eval-samples 16 --batch-size 16 --n 4 --nfe 1 --threads 1", "--json", str(path)])
+    figures = json.loads(path.read_text())
+    assert figures["step_cost"]["gcm/cu-fd-mmd"] == {"skipped": "batch 2 is not a multiple of the MMD group of 4"}
+    assert figures["step_cost"]["gcm/vu-fd-mmd"]["sec"] > 0
+    assert "| gcm/cu-fd-mmd | skipped: batch 2" in capsys.readouterr().out
+    assert {r.rsplit("/", 1)[0] for r in figures["digits"] if "/nfe" in r} == {"scm/sct", "gcm/cu-restart"}
+    assert os.path.isfile(tmp_path / "runs" / "logs" / "scm-sct.log")
