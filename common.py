@@ -1423,7 +1423,9 @@ def save_scatter(points, path, reference=None, size=384, lim=3.0):
 
 
 class JSONLLogger:
-    """Appends one JSON object per line (rank 0 only)."""
+    """OUT/log.jsonl, the run's one append-only record (log steps and snapshots): one JSON object per line,
+    appended by rank 0. A process killed in the middle of an append leaves a torn last line, and a node that
+    loses power can leave NUL bytes or garbage; `cut` copes with both when a run starts."""
 
     def __init__(self, path, enabled=True):
         self.path, self.enabled = path, enabled
@@ -1432,6 +1434,65 @@ class JSONLLogger:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def cut(self, step):
+        """Keep the records up to `step` (where the run starts again), so that each step is logged once, and
+        drop every line that is not a whole record; say in one line what was dropped. The file is rewritten
+        whole (temporary file, then rename), so the next append starts on a fresh line."""
+        if not (self.enabled and os.path.isfile(self.path)):
+            return
+        keep, later, unreadable = [], 0, 0
+        with open(self.path, "rb") as f:                 # bytes: garbage need not be UTF-8
+            for line in f:
+                record = _json_record(line)
+                if record is None:
+                    unreadable += bool(line.strip())
+                elif record["step"] <= step:
+                    keep.append(line.rstrip(b"\r\n") + b"\n")
+                else:
+                    later += 1
+        tmp = self.path + f".tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.writelines(keep)
+        os.replace(tmp, self.path)
+        dropped = [f"{later} record(s) past step {step}"] * bool(later) + \
+                  [f"{unreadable} unreadable line(s) (a write cut short by a kill or a crash)"] * bool(unreadable)
+        if dropped:
+            print0(f"{self.path}: kept the {len(keep)} record(s) up to step {step}; dropped {' and '.join(dropped)}")
+
+
+def _json_record(line):
+    """The record on one line of log.jsonl (a JSON object with an integer step), or None."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except ValueError:                                    # UnicodeDecodeError and JSONDecodeError alike
+        return None
+    return record if isinstance(record, dict) and type(record.get("step")) is int else None
+
+
+def read_json(path):
+    """The JSON object in `path`: {} when there is none, or when the file is not one (then said in a line, as
+    the caller is about to write it anew)."""
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, "rb") as f:
+            obj = json.loads(f.read().decode("utf-8"))
+        if isinstance(obj, dict):
+            return obj
+    except ValueError:
+        pass
+    print0(f"warning: {path} is not a JSON object (a write cut short?); it is written anew")
+    return {}
+
+
+def write_json(path, obj):
+    """A JSON file written whole or not at all (temporary file, then rename): a kill while writing leaves the
+    old file."""
+    tmp = path + f".tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
 
 
 # ==============================================================================================
@@ -1755,9 +1816,8 @@ class Run:
             os.makedirs(os.path.join(self.out, "samples"), exist_ok=True)
             for folder in (self.out, os.path.join(self.out, "samples")):
                 remove_temporaries(folder)
-            self._cut_log(start)
-            with open(os.path.join(self.out, "config.json"), "w") as f:
-                json.dump(self.cfg, f, indent=1, sort_keys=True)
+            self.logger.cut(start)
+            write_json(os.path.join(self.out, "config.json"), self.cfg)
         self._announce(state, describe, start)
         return start
 
@@ -1776,18 +1836,6 @@ class Run:
         print0("config: " + json.dumps(self.cfg, sort_keys=True))
         for k, (old, new) in getattr(self, "resumed_changes", {}).items():
             print0(f"--resume: {k} {old} -> {new}")
-
-    def _cut_log(self, step):
-        """log.jsonl holds each step once: records past the step a run resumes from are dropped."""
-        path = os.path.join(self.out, "log.jsonl")
-        if not os.path.isfile(path):
-            return
-        with open(path) as f:
-            keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = path + f".tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-        os.replace(tmp, path)
 
     def autocast(self):
         """--bf16: bf16 autocast around a method's loss, on CUDA or the CPU (see "Precision" above for which
@@ -2235,9 +2283,7 @@ class Run:
                 result["fid" + suffix] = {str(k): self.fid(sample_fn, data, k, name) for k in nfes}
         if self.is_main and result:
             path = os.path.join(self.out, "eval.json")
-            previous = json.load(open(path)) if os.path.isfile(path) else {}
-            with open(path, "w") as f:
-                json.dump({**previous, **result}, f, indent=1)
+            write_json(path, {**read_json(path), **result})
             print0("eval:", json.dumps({k: v for k, v in result.items() if not k.startswith("class_share")}))
         return result
 

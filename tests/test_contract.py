@@ -338,6 +338,29 @@ def test_start_cleans_temporaries_and_cuts_the_log(tmp_path):
     assert steps == [10, 20, 30]
 
 
+def test_torn_records_never_block_resume(tmp_path, capsys):
+    """A process killed in the middle of an append leaves a torn last line in log.jsonl, a node that loses
+    power NUL bytes or garbage: --resume cuts the log back to the checkpoint's step, drops every line that is
+    not a whole record and says what it dropped in one line. A torn eval.json is written anew."""
+    out = tmp_path / "run"
+    args = TOY + ["--ckpt-every", "10", "--out", str(out)]
+    direct.main(args + ["--steps", "10"])
+    tails = [(b'{"step": 15, "kimg": 1.2, "lo', "1 unreadable line"),
+             (b"\x00" * 200, "1 unreadable line"),
+             (b'\xff\xfe garbage\n[1, 2]\n{"step": "x"}\n{"step": 99, "loss": 1.0}\n\x00\x00',
+              "1 record(s) past step 30 and 4 unreadable line")]
+    for i, (tail, dropped) in enumerate(tails):
+        with open(out / "log.jsonl", "ab") as f:
+            f.write(tail)
+        (out / "eval.json").write_bytes(b'{"swd": {"1": 0.0')
+        capsys.readouterr()
+        direct.main(args + ["--steps", str(20 + 10 * i), "--resume"])
+        printed = [line for line in capsys.readouterr().out.splitlines() if "log.jsonl" in line]
+        assert len(printed) == 1 and f"up to step {10 + 10 * i}; dropped {dropped}" in printed[0], printed
+        assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == list(range(10, 21 + 10 * i, 10))
+        assert set(json.load(open(out / "eval.json"))["swd"]) == {"1"}
+
+
 def test_resume_applies_a_new_lr_and_logs_it(tmp_path, capsys):
     out = tmp_path / "run"
     direct.main(TOY + ["--steps", "10", "--out", str(out)])
