@@ -1522,7 +1522,7 @@ COMMON_DEFAULTS = dict(
 
 # What --resume may change: how long, how fast and how the run reports and samples, not what its checkpoint
 # holds (model, method variant, data, teacher...). A method adds its own sampling-only settings.
-RESUMABLE = {"steps", "lr", "batch_gpu", "log_every", "sample_every", "ckpt_every", "snapshot_every", "keep",
+RESUMABLE = {"out", "steps", "lr", "batch_gpu", "log_every", "sample_every", "ckpt_every", "snapshot_every", "keep",
              "nfe", "n", "eval_samples", "fid", "fid_weights", "fid_ref", "fid_batch", "max_skips", "device",
              "bf16", "threads", "data_path", "vae", "resume", "grad_clip"}
 
@@ -1669,10 +1669,10 @@ def resolve_config(args, method, defaults, presets):
     cfg.update(method=method, dataset=dataset)
     cfg["out"] = cfg["out"] or os.path.join("runs", f"{method}-{dataset}")
     if given.get("resume"):                         # the run's own config, then the flags given
-        path = os.path.join(cfg["out"], "ckpt.pt")
+        out, path = cfg["out"], os.path.join(cfg["out"], "ckpt.pt")
         if os.path.isfile(path):
-            trained = load_checkpoint(path, method)["cfg"]
-            cfg = {**COMMON_DEFAULTS, **defaults, **trained, **given, "resume_of": trained}
+            trained = relocated(load_checkpoint(path, method)["cfg"], out)
+            cfg = {**COMMON_DEFAULTS, **defaults, **trained, **given, "out": out, "resume_of": trained}
     if "ema_decay" in given:
         cfg["ema_halflife_kimg"] = None
     if cfg["eval_samples"] is None:
@@ -1681,6 +1681,22 @@ def resolve_config(args, method, defaults, presets):
         cfg["threads"] = 1
     check_common(cfg)
     return cfg
+
+
+def relocated(trained, out):
+    """A run folder moved or copied elsewhere resumes from its new path `out`: where a run lives is not one of
+    its settings, so the files its config names inside the old folder (decm.py's two-stage OUT/teacher/ckpt.pt)
+    are read from the new one, where they moved with it. Paths outside the folder (an sCD teacher) are the
+    user's files and stay as they are."""
+    old = trained.get("out") or out
+
+    def move(path):
+        if not isinstance(path, str) or os.path.isabs(path) != os.path.isabs(old):
+            return path
+        rel = os.path.relpath(path, old)
+        inside = rel not in (os.curdir, os.pardir) and not rel.startswith(os.pardir + os.sep)
+        return os.path.join(out, rel) if inside and os.path.exists(os.path.join(out, rel)) else path
+    return {k: v if k == "out" else move(v) for k, v in trained.items()}
 
 
 def check_common(cfg):

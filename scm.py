@@ -362,8 +362,10 @@ def init_from(net, icfg, state, cfg):
 def train(cfg):
     data = common.load_dataset(cfg["dataset"], cfg["data_path"], cfg["vae"])
     cfg["data_shape"] = list(data.shape)                       # saved with the run: --teacher/--init check it
-    # read (and check) the pretrained checkpoints before anything is written
-    pretrained = {role: load_pretrained(cfg[role], cfg, data, role) for role in ("teacher", "init") if cfg[role]}
+    # read (and check) the pretrained checkpoints before anything is written; a resumed run takes its weights
+    # from its own checkpoint, so its --init file is not needed any more (it may have moved or gone)
+    roles = ("teacher",) if cfg["resume"] else ("teacher", "init")
+    pretrained = {role: load_pretrained(cfg[role], cfg, data, role) for role in roles if cfg[role]}
     if "teacher" in pretrained and guided(cfg):
         tcfg = pretrained["teacher"][0]
         if not (tcfg["class_cond"] and tcfg["class_dropout"] > 0):

@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -286,6 +287,25 @@ def test_signal_checkpoints_and_resumes_bit_identically(name, uninterrupted, tmp
     assert steps == sorted(set(steps)) and steps[-1] == 400                  # each step logged once
 
 
+def test_a_moved_run_resumes_bit_identically(uninterrupted, tmp_path):
+    """A run stopped by a signal, then moved (another cluster, a renamed experiment), continues from its new
+    path with --resume --out NEW exactly as the uninterrupted run; config.json records the new path."""
+    old, new = tmp_path / "old", tmp_path / "elsewhere" / "renamed"
+    proc = start_run(SIGNAL_RUN + ["--out", str(old)])
+    wait_for_log(old / "log.jsonl", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    new.parent.mkdir()
+    os.rename(old, new)
+    res = subprocess.run([sys.executable, *SIGNAL_RUN, "--out", str(new), "--resume"], cwd=ROOT,
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"--resume: out {old} -> {new}" in res.stdout
+    assert_states_equal(without_cfg(load_state(new / "ckpt.pt")), without_cfg(uninterrupted))
+    assert json.load(open(new / "config.json"))["out"] == str(new) and not old.exists()
+
+
 def ranks_output(proc):
     """What the ranks printed: the end of stdout, and stderr up to torchrun's own failure report (which starts
     when the agent signals or reaps a rank; its long traceback would otherwise hide where a rank died)."""
@@ -359,6 +379,33 @@ def test_torn_records_never_block_resume(tmp_path, capsys):
         assert len(printed) == 1 and f"up to step {10 + 10 * i}; dropped {dropped}" in printed[0], printed
         assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == list(range(10, 21 + 10 * i, 10))
         assert set(json.load(open(out / "eval.json"))["swd"]) == {"1"}
+
+
+def test_moved_runs_read_their_own_files_from_the_new_path(tmp_path):
+    """decm.py's two-stage run keeps its teacher in OUT/teacher and records that path: a copy of the run
+    continues from its own teacher, exactly as the original continues in place. A resumed sCM run does not
+    read its --init file again (its checkpoint holds the weights), so that file may move or go."""
+    first = tmp_path / "first"
+    decm.main(["--dataset", "moons", "--teacher-steps", "4", "--steps", "4", "--batch-size", "32",
+               "--eval-samples", "16", "--nfe", "1", "--out", str(first)])
+    copy, hidden = tmp_path / "copy", tmp_path / "hidden"
+    shutil.copytree(first, copy)
+    first.rename(hidden)                          # the original is out of reach while the copy resumes
+    resume = ["--dataset", "moons", "--teacher-steps", "4", "--steps", "8", "--batch-size", "32",
+              "--eval-samples", "16", "--nfe", "1", "--resume"]
+    decm.main(resume + ["--out", str(copy)])
+    assert json.load(open(copy / "config.json"))["teacher"] == str(copy / "teacher" / "ckpt.pt")
+    hidden.rename(first)
+    decm.main(resume + ["--out", str(first)])
+    assert_states_equal(without_cfg(load_state(copy / "ckpt.pt")), without_cfg(load_state(first / "ckpt.pt")))
+    # sCM: a student started from --init resumes after the init file is gone
+    teacher, student = tmp_path / "t", tmp_path / "s"
+    small = ["--dataset", "moons", "--batch-size", "32", "--eval-samples", "16", "--nfe", "1"]
+    scm.main(small + ["--mode", "diffusion", "--steps", "2", "--out", str(teacher)])
+    scm.main(small + ["--init", str(teacher / "ckpt.pt"), "--steps", "2", "--out", str(student)])
+    shutil.rmtree(teacher)
+    scm.main(small + ["--init", str(teacher / "ckpt.pt"), "--steps", "4", "--out", str(student), "--resume"])
+    assert load_state(student / "ckpt.pt")["step"] == 4
 
 
 def test_resume_applies_a_new_lr_and_logs_it(tmp_path, capsys):
