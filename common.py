@@ -13,6 +13,7 @@ Command line (besides being imported by the method scripts):
 import argparse
 import contextlib
 import copy
+import fcntl
 import functools
 import json
 import math
@@ -20,6 +21,7 @@ import os
 import pickle
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -1552,6 +1554,9 @@ def cli(main, argv=None):
             print(f"{'stopped' if isinstance(e, Interrupted) else 'error'}: {e}", file=sys.stderr, flush=True)
         sys.exit(e.code if isinstance(e, Interrupted) else EXIT_USER_ERROR if isinstance(e, UserError)
                  else EXIT_RUN_ERROR)
+    finally:
+        for lock in list(_LOCKS):                         # a run ended by an exception lets go of its folder
+            lock.release()
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -1748,6 +1753,86 @@ def check_late_needs(cfg, data, dist_info):
         digits_classifier(cfg.get("data_path"), verbose=False)
 
 
+class RunLock:
+    """One live process writes a run folder at a time. The writer holds an exclusive flock on OUT/.lock, which
+    the kernel drops when the process ends, however it ends (kill -9, a lost node): a job scheduled twice is
+    refused while the first lives and takes over once it has died, and a stale file never blocks anything.
+    The file holds the holder's pid and host, for the one line that refuses a second writer; it stays in OUT,
+    emptied, after a release. Under torchrun rank 0 alone holds the lock and tells the other ranks what it
+    found, so `check` and `acquire` are collectives. A file system without flock gets a warning, no lock."""
+
+    def __init__(self, folder, dist_info, hint=""):
+        self.folder, self.path, self.dist, self.hint = folder, os.path.join(folder, ".lock"), dist_info, hint
+        self.file, self.held = None, False
+
+    def check(self):
+        """Refuse (on every rank) if a live process holds the lock. Creates nothing."""
+        self._refuse_if(self._holder() if self.dist.is_main else None)
+
+    def acquire(self):
+        """Take the lock, creating the folder, or refuse as `check` does; nothing to do if held already."""
+        if not self.held:
+            self._refuse_if(self._take() if self.dist.is_main else None)
+            self.held = True
+            _LOCKS.add(self)
+
+    def release(self):
+        if self.file is not None:
+            self.file.truncate(0)
+            self.file.close()                                       # closing the file drops the lock
+            self.file = None
+        self.held = False
+        _LOCKS.discard(self)
+
+    def _holder(self):
+        """'pid P on host H' of a live holder, else None (probed with a shared lock, dropped at once)."""
+        try:
+            with open(self.path, "rb") as f:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            with open(self.path, "rb") as f:
+                return f.read().decode(errors="replace").strip() or "a process that is starting"
+        except OSError:                                             # no lock file yet, or no locks here
+            pass
+        return None
+
+    def _take(self):
+        os.makedirs(self.folder, exist_ok=True)
+        f = open(self.path, "a+b")                                  # not truncated before it is ours
+        for _ in range(20):                                         # another start may probe it this moment
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                time.sleep(0.05)
+            except OSError as e:
+                print0(f"warning: {self.path} cannot be locked on this file system ({e.strerror}); nothing "
+                       f"stops a second process from writing {self.folder}")
+                f.close()
+                return None
+        else:
+            f.close()
+            return self._holder() or "another process"
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on host {socket.gethostname()}\n".encode())
+        f.flush()
+        self.file = f
+        return None
+
+    def _refuse_if(self, holder):
+        if self.dist.ddp:
+            box = [holder]
+            tdist.broadcast_object_list(box, src=0)
+            holder = box[0]
+        if holder:
+            raise UserError(f"{self.folder} is in use by {holder}, which holds {self.path} (one process writes a "
+                            f"run folder at a time); wait for it to end, or stop it and continue with --resume"
+                            + self.hint)
+
+
+_LOCKS = set()                          # run folders this process holds (released however its run ends)
+
+
 class Run:
     """Bookkeeping around a method's training loop: devices and seeds, the run folder, the guarded optimizer
     update (gradient accumulation, non-finite skipping and rollback), logging, checkpoints with every RNG
@@ -1787,6 +1872,9 @@ class Run:
         self.out = cfg["out"]
         self.is_main = self.dist.is_main
         self.ckpt_path = os.path.join(self.out, "ckpt.pt")
+        self.lock = RunLock(self.out, self.dist, "; --sample-only can write elsewhere with --out DIR"
+                            if cfg.get("sample_only") else "")
+        self.lock.check()
         if not cfg.get("sample_only"):
             self._check_folder(resumable)
         if data is not None:
@@ -1827,6 +1915,7 @@ class Run:
         """Before the first step: with --resume, restore OUT/ckpt.pt into `state`; then create OUT (removing
         temporary files that killed processes left), cut log.jsonl back to the restored step, write
         config.json, print what runs where, and catch the stop signals. Returns the first step."""
+        self.lock.acquire()
         start = self.restore(state) if self.cfg.get("resume") else 0
         if self.is_main:
             os.makedirs(os.path.join(self.out, "samples"), exist_ok=True)
@@ -2216,8 +2305,10 @@ class Run:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        self.lock.acquire()                                         # --sample-only writes OUT from here on
         self.save_samples(tag, sample, data)
         self.evaluate(sample, data)
+        self.lock.release()
         torch.set_num_threads(self._threads_before)
         if close:
             self.close()

@@ -9,6 +9,7 @@ import pickle
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -337,6 +338,48 @@ def test_sigterm_under_torchrun(tmp_path):
     assert res.returncode == 0, ranks_output(res)
     full = load_state(tmp_path / "full" / "ckpt.pt")
     assert_states_equal(without_cfg(load_state(out / "ckpt.pt")), without_cfg(full))
+
+
+def test_one_live_process_per_run_folder(tmp_path, capsys):
+    """A job scheduled twice: while the first process lives, a second one on its folder (a real process; two
+    ranks under torchrun; with or without --resume; --sample-only writing there) is refused in one line naming
+    the holder's pid and host, and writes nothing. --sample-only that writes elsewhere is not refused. Once the
+    first has died (kill -9: the kernel drops its lock), --resume takes over."""
+    out = tmp_path / "run"
+    run = ["direct.py", "--dataset", "moons", "--steps", "1000000", "--ckpt-every", "20", "--log-every", "20",
+           "--batch-size", "64", "--out", str(out)]
+    holder = start_run(run)
+    try:
+        t0 = time.time()
+        while not (out / "ckpt.pt").exists():
+            assert holder.poll() is None and time.time() - t0 < 120, holder.communicate()
+            time.sleep(0.05)
+        who = f"in use by pid {holder.pid} on host {socket.gethostname()}"
+        second = subprocess.run([sys.executable, *run, "--resume"], cwd=ROOT, capture_output=True, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        err = second.stderr.strip().splitlines()
+        assert second.returncode == 2 and len(err) == 1 and who in err[0], second.stderr[-2000:]
+        ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+                                "--master_addr=127.0.0.1", f"--master_port={free_port()}", *run, "--resume",
+                                "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                               env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT,
+                                    "CUDA_VISIBLE_DEVICES": ""})
+        refusals = [line for line in ranks.stderr.splitlines() if line.startswith("error: ")]
+        assert ranks.returncode != 0 and len(refusals) == 1 and who in refusals[0], ranks_output(ranks)
+        for argv in (run[1:], ["--sample-only", "--ckpt", str(out / "ckpt.pt")]):
+            code, err = run_cli(direct.main, argv, capsys)
+            assert code == 2 and len(err) == 1 and who in err[0], err
+        assert "--sample-only can write elsewhere with --out" in err[0]
+        direct.main(["--sample-only", "--ckpt", str(out / "ckpt.pt"), "--out", str(tmp_path / "s"), "--n", "8",
+                     "--eval-samples", "8"])
+        assert (tmp_path / "s" / "eval.json").exists() and holder.poll() is None
+    finally:
+        holder.kill()
+        holder.communicate()
+    assert f"pid {holder.pid} on host" in (out / ".lock").read_text()        # what the dead holder left
+    step = load_state(out / "ckpt.pt")["step"]
+    direct.main(run[1:] + ["--resume", "--steps", str(step + 5), "--eval-samples", "16"])
+    assert load_state(out / "ckpt.pt")["step"] == step + 5 and (out / ".lock").read_text() == ""
 
 
 # ----------------------------------------------------------------------------------------------
