@@ -23,6 +23,7 @@ import re
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 import weakref
@@ -880,7 +881,10 @@ def encode_latents(images, out, vae_name=DEFAULT_VAE, image_size=256, batch_size
         raise UserError(f"image folder not found: {images}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tf = T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToTensor()])
-    folder = tvd.ImageFolder(images, transform=tf)
+    try:
+        folder = tvd.ImageFolder(images, transform=tf)
+    except (FileNotFoundError, OSError) as e:                 # no class folders, or no images in one
+        raise UserError(f"{images} is not an ImageFolder (one sub-folder of images per class): {e}") from None
     loader = torch.utils.data.DataLoader(folder, batch_size=batch_size, shuffle=False, num_workers=0)
     if encoder is None:
         vae = _load_vae(vae_name, device)
@@ -1166,9 +1170,12 @@ def fid_reference(dataset, data_path=None, ref=None, weights=None, batch_size=25
     batches = (data.get(idx[i:i + batch_size])[0] for i in range(0, len(idx), batch_size))
     mu, sigma = inception_stats(batches, inception, dist_info.device)
     if dist_info.is_main:
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, mu=mu, sigma=sigma)
-        os.replace(tmp, path)
+        tmp = path + f".tmp{os.getpid()}.npz"
+        try:
+            np.savez(tmp, mu=mu, sigma=sigma)
+            os.replace(tmp, path)
+        except OSError as e:                                  # a read-only data folder: computed, not cached
+            print0(f"warning: could not cache the FID reference statistics in {path} ({e.strerror or e})")
     return mu, sigma
 
 
@@ -1522,6 +1529,11 @@ COMMON_DEFAULTS = dict(
     eval_samples=None, vae=None,
 )
 
+# What --sample-only may set: which samples, how many, where they go and how they are scored, not what the
+# checkpoint holds. A method adds its own sampling settings (its RESUMABLE).
+SAMPLING = {"sample_only", "ckpt", "out", "n", "npz", "png_dir", "classes", "nfe", "fid", "fid_weights", "fid_ref",
+            "fid_batch", "eval_samples", "seed", "device", "threads", "bf16", "data_path", "vae"}
+
 # What --resume may change: how long, how fast and how the run reports and samples, not what its checkpoint
 # holds (model, method variant, data, teacher...). A method adds its own sampling-only settings.
 RESUMABLE = {"out", "steps", "lr", "batch_gpu", "log_every", "sample_every", "ckpt_every", "snapshot_every", "keep",
@@ -1632,7 +1644,9 @@ def parse(parser, argv, resolve):
     --dataset), then exit 0."""
     args = parser.parse_args(argv)
     if not args.help:
-        return resolve(args)
+        cfg = resolve(args)
+        check_numbers(parser, cfg)
+        return cfg
     args.help = None
     try:
         cfg = resolve(args)
@@ -1651,11 +1665,12 @@ def parse(parser, argv, resolve):
     sys.exit(0)
 
 
-def resolve_config(args, method, defaults, presets):
+def resolve_config(args, method, defaults, presets, sampling=()):
     """defaults <- presets[setting] <- explicitly given flags. Toy sets use presets["toy"] unless they
     have their own entry. --sample-only and --resume start from the checkpoint's saved config instead,
-    then apply the flags given (Run checks that a resumed run changes only what RESUMABLE allows).
-    Returns a plain dict (saved as config.json)."""
+    then apply the flags given: --sample-only takes the sampling flags (SAMPLING, and the method's own
+    `sampling` settings) and others only with the checkpoint's value; Run checks that a resumed run changes
+    only what RESUMABLE allows. Returns a plain dict (saved as config.json)."""
     given = {k: v for k, v in vars(args).items() if v is not None and k != "help"}
     if given.pop("imagenet_latents", False):
         given["dataset"] = "imagenet-latents"
@@ -1663,8 +1678,13 @@ def resolve_config(args, method, defaults, presets):
         if not given.get("ckpt"):
             raise UserError("--sample-only needs --ckpt PATH")
         trained = load_checkpoint(given["ckpt"], method)["cfg"]
-        cfg = {**COMMON_DEFAULTS, **defaults, **trained, "resume": False, **given}
+        fixed = sorted(k for k in given if k not in SAMPLING | set(sampling) and given[k] != trained.get(k))
+        if fixed:
+            flags = ", ".join(f"--{k.replace('_', '-')} {given[k]} (it has {trained.get(k)})" for k in fixed[:4])
+            raise UserError(f"--sample-only uses the settings {given['ckpt']} was trained with; drop {flags}")
+        cfg = {**COMMON_DEFAULTS, **defaults, **trained, **given, "resume": False}
         cfg["out"] = given.get("out") or os.path.dirname(os.path.abspath(given["ckpt"]))
+        check_common(cfg)
         return cfg
     dataset = given.get("dataset")
     if dataset is None:
@@ -1678,8 +1698,10 @@ def resolve_config(args, method, defaults, presets):
         if os.path.isfile(path):
             trained = relocated(load_checkpoint(path, method)["cfg"], out)
             cfg = {**COMMON_DEFAULTS, **defaults, **trained, **given, "out": out, "resume_of": trained}
-    if "ema_decay" in given:
+    if "ema_decay" in given:                        # the EMA flag given wins over the preset's other one
         cfg["ema_halflife_kimg"] = None
+    elif "ema_halflife_kimg" in given:
+        cfg["ema_decay"] = None
     if cfg["eval_samples"] is None:
         cfg["eval_samples"] = 4096 if dataset in TOY_SETS else 1000
     if cfg["threads"] is None and dataset in TOY_SETS:
@@ -1705,7 +1727,9 @@ def relocated(trained, out):
 
 
 def check_common(cfg):
-    """The shared flags, checked before anything is created: one UserError naming the first bad one."""
+    """The shared flags, checked before any work for training and --sample-only alike (the checkpoint's own
+    settings pass; what depends on the data is in check_late_needs): one UserError naming the first bad one.
+    Every float flag is also finite (`check_numbers`)."""
     def positive(key, allow_zero=False):
         v = cfg.get(key)
         if v is not None and not (v >= 0 if allow_zero else v >= 1):
@@ -1715,6 +1739,10 @@ def check_common(cfg):
         positive(key)
     for key in ("steps", "fid", "eval_samples", "seed"):
         positive(key, allow_zero=True)
+    if cfg["seed"] >= 2 ** 32:                                  # seeds of every rank and batch stay in int64
+        raise UserError(f"--seed must lie in 0 .. 2^32 - 1, got {cfg['seed']}")
+    if cfg["threads"] and cfg["threads"] > (os.cpu_count() or 1):
+        raise UserError(f"--threads must lie in 1 .. {os.cpu_count()} (the CPUs here), got {cfg['threads']}")
     if not (math.isfinite(cfg["lr"]) and cfg["lr"] > 0):
         raise UserError(f"--lr must be a finite number > 0, got {cfg['lr']}")
     if any(k < 1 for k in cfg["nfe"]):
@@ -1723,26 +1751,89 @@ def check_common(cfg):
         raise UserError(f"--grad-clip must be >= 0 (0: off), got {cfg['grad_clip']}")
     if cfg["ema_decay"] is not None and not 0 <= cfg["ema_decay"] < 1:
         raise UserError(f"--ema-decay must lie in [0, 1), got {cfg['ema_decay']}")
-    if cfg["ema_decay"] is None and cfg["ema_halflife_kimg"] is not None and not cfg["ema_halflife_kimg"] > 0:
-        raise UserError(f"--ema-halflife-kimg must be > 0, got {cfg['ema_halflife_kimg']}")
+    halflife = cfg["ema_halflife_kimg"]
+    if halflife is not None and not (math.isfinite(halflife) and halflife > 0):
+        raise UserError(f"--ema-halflife-kimg must be a finite number > 0, got {halflife}")
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda, but PyTorch sees no CUDA device here (use --device cpu)")
     if cfg["classes"] is not None and not cfg["class_cond"]:
         raise UserError("--class picks classes of a class-conditional model; this model is unconditional")
     if (cfg["npz"] or cfg["png_dir"]) and not cfg["sample_only"]:
         raise UserError("--npz / --png-dir export samples with --sample-only --ckpt CKPT")
+    if cfg["ckpt"] and not cfg["sample_only"]:
+        raise UserError("--ckpt is read by --sample-only; a training run continues from OUT/ckpt.pt with --resume")
     if cfg["npz"] and not cfg["npz"].endswith(".npz"):
         raise UserError(f"--npz takes a file name ending in .npz, got {cfg['npz']!r}")
-    for key in ("out", "png_dir"):
-        if cfg.get(key) and os.path.isfile(cfg[key]):
-            raise UserError(f"--{key.replace('_', '-')} {cfg[key]} is a file, not a folder")
+    toy, latent = cfg["dataset"] in TOY_SETS, cfg["dataset"] == "imagenet-latents"
+    for flag, ignored in (("--data-path", toy and cfg["data_path"]), ("--xflip", toy and cfg["xflip"]),
+                          ("--fid", toy and cfg["fid"]), ("--vae", not latent and cfg["vae"])):
+        if ignored:                                             # a flag that would do nothing is a mistake
+            raise UserError(f"{flag} does nothing for --dataset {cfg['dataset']}"
+                            + ("; toy sets are scored by the sliced Wasserstein distance" if flag == "--fid" else ""))
+    check_output("--out", cfg["out"])
+    if cfg["png_dir"]:
+        check_output("--png-dir", cfg["png_dir"])
+    if cfg["npz"]:
+        check_output("--npz", cfg["npz"], folder=False)
+    if cfg["data_path"]:
+        check_output("--data-path", cfg["data_path"], writable=False)
+
+
+def check_output(flag, path, folder=True, writable=True):
+    """A path the run will write (a folder, or with folder=False a file), checked before any work for what can
+    be known then: not a file where a folder must go or the reverse, not under a file, no name too long for
+    its file system, and a place where files can be made: tried by making and dropping a nameless temporary
+    file in the nearest existing folder, since /proc or a read-only mount refuse only the attempt and
+    permission bits say nothing to root. Creates nothing. writable=False checks only the shape (--data-path
+    may be a read-only data set)."""
+    full = os.path.abspath(path)
+    if folder and os.path.lexists(full) and not os.path.isdir(full):
+        raise UserError(f"{flag} {path} is a file, not a folder")
+    if not folder and os.path.isdir(full):
+        raise UserError(f"{flag} {path} is a folder; it takes a file name")
+    base = full if folder else os.path.dirname(full)
+    while not os.path.isdir(base):
+        if os.path.lexists(base):
+            raise UserError(f"{flag} {path} lies under {base}, which is a file, not a folder")
+        base = os.path.dirname(base)
+    if not writable:
+        return
+    longest = max(os.path.relpath(full, base).split(os.sep), key=lambda name: len(os.fsencode(name)))
+    if len(os.fsencode(longest)) > os.pathconf(base, "PC_NAME_MAX"):
+        raise UserError(f"{flag} {path}: the name {longest[:16]}... is too long for the file system")
+    try:
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as e:
+        raise UserError(f"{flag} {path} cannot be written: nothing can be created in {base} ({e.strerror})") from None
+
+
+def check_numbers(parser, values):
+    """Every float flag of `parser` takes a finite number: nan or inf as a learning rate, a time or a weight
+    would only surface as a non-finite run later. A flag with a meaning at infinity declares type=float_or_inf
+    (and still refuses nan). Run after the specific checks, whose messages say more."""
+    for action in parser._actions:
+        if action.type in (float, float_or_inf):
+            value = values.get(action.dest)
+            for v in value if isinstance(value, (list, tuple)) else [value]:
+                if v is not None and (math.isnan(v) or (math.isinf(v) and action.type is float)):
+                    raise UserError(f"{action.option_strings[0]} must be a finite number, got {v}")
+
+
+def float_or_inf(text):
+    """argparse type of a float flag that may be infinite (see check_numbers)."""
+    return float(text)
 
 
 def check_late_needs(cfg, data, dist_info):
     """What a run needs only at its end (or at its first grid), checked at its start, so that no long run
-    dies there: the VAE that decodes latent samples (diffusers importable, the model loadable from its name
-    or --vae PATH); with --fid, the Inception weights and the reference statistics (computed and cached now
-    if they can be); for digits, the classifier of the digits figure (trained and cached now)."""
+    dies there: the classes of --class (those of the data the model was built for); the VAE that decodes
+    latent samples (diffusers importable, the model loadable from its name or --vae PATH); with --fid, the
+    Inception weights and the reference statistics (computed and cached now if they can be); for digits,
+    the classifier of the digits figure (trained and cached now)."""
+    bad = [k for k in cfg.get("classes") or () if not 0 <= k < data.num_classes]
+    if bad:
+        raise UserError(f"--class {bad[0]}: the classes of {cfg['dataset']} are 0 .. {data.num_classes - 1}")
     if data.kind == "latent":
         _load_vae(data.meta["vae"], "cpu")
     if cfg.get("fid") and data.kind != "toy":
@@ -2319,23 +2410,30 @@ class Run:
         Images: uint8 NHWC under arr_0 (labels, if any, under `labels`), one PNG per sample in DIR; toy sets:
         float32 points under arr_0. With one sampler and one NFE the file is OUT.npz itself; otherwise
         OUT-<sampler>-nfe<k>.npz (and DIR/<sampler>-nfe<k>/) for each."""
-        cfg = self.cfg
-        pairs = [(name, k) for name, (_, nfes) in samplers.items() for k in nfes]
-        for name, k in pairs:
-            tag = f"{name or 'default'}-nfe{k}"
-            drawn = self.draw(samplers[name][0], data, cfg["n"], k, salt=20_000 + k,
+        cfg, jobs = self.cfg, []
+        one = sum(len(nfes) for _, nfes in samplers.values()) == 1
+        for name, (sample_fn, nfes) in samplers.items():           # every file's path is checked before work
+            for k in nfes:
+                tag = f"{name or 'default'}-nfe{k}"
+                npz = cfg["npz"] and (cfg["npz"] if one else f"{cfg['npz'][:-4]}-{tag}.npz")
+                png = cfg["png_dir"] and (cfg["png_dir"] if one else os.path.join(cfg["png_dir"], tag))
+                if npz:
+                    check_output("--npz", npz, folder=False)
+                if png:
+                    check_output("--png-dir", png)
+                jobs.append((name, sample_fn, k, npz, png))
+        for name, sample_fn, k, npz, png in jobs:
+            drawn = self.draw(sample_fn, data, cfg["n"], k, salt=20_000 + k,
                               desc=f"sampling {cfg['n']} ({name or 'default'} sampler, {k} NFE)")
             if drawn is None:
                 continue
             x, labels = drawn
-            if cfg["npz"]:
-                path = cfg["npz"] if len(pairs) == 1 else f"{cfg['npz'][:-4]}-{tag}.npz"
-                save_npz(path, x, labels)
-                print0(f"wrote {path}: arr_0 {x.dtype} {list(x.shape)}, sampler {name or 'default'}, {k} NFE")
-            if cfg["png_dir"]:
-                folder = cfg["png_dir"] if len(pairs) == 1 else os.path.join(cfg["png_dir"], tag)
-                save_pngs(x, folder)
-                print0(f"wrote {len(x)} PNG files to {folder}")
+            if npz:
+                save_npz(npz, x, labels)
+                print0(f"wrote {npz}: arr_0 {x.dtype} {list(x.shape)}, sampler {name or 'default'}, {k} NFE")
+            if png:
+                save_pngs(x, png)
+                print0(f"wrote {len(x)} PNG files to {png}")
 
     def save_samples(self, tag, samplers, data):
         """Grids (scatter plots for toy data) per sampler and NFE: samples/{tag}[_{name}]_nfe{k}.png.
@@ -2536,11 +2634,16 @@ def _main(argv=None):
     e.add_argument("--shard-size", type=int, default=16384)
     e.add_argument("--mode", choices=["sample", "mean"], default="sample", help="posterior sample or mean")
     args = p.parse_args(argv)
-    if getattr(args, "batch_size", 1) < 1:
-        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_numbers(sub.choices[args.cmd], vars(args))                 # every output and value before any work
+    for flag, value, low in (("--batch-size", getattr(args, "batch_size", 1), 1),
+                             ("--shard-size", getattr(args, "shard_size", 1), 1),
+                             ("--image-size", getattr(args, "image_size", 8), 8)):
+        if value < low:
+            raise UserError(f"{flag} must be >= {low}, got {value}")
     if args.cmd == "fid-ref" and args.images:
         if not args.out or not args.out.endswith(".npz"):
             raise UserError("fid-ref IMAGES needs --out STATS.npz")
+        check_output("--out", args.out, folder=False)
         mu, sigma = stats_of(args.images, args.fid_weights, args.batch_size)
         tmp = args.out + f".tmp{os.getpid()}.npz"
         np.savez(tmp, mu=mu, sigma=sigma)
@@ -2548,6 +2651,8 @@ def _main(argv=None):
         print(f"wrote {args.out} ({mu.shape[0]}-d statistics of {args.images})")
     elif args.cmd == "fid-ref":
         path = reference_stats_path(args.dataset, args.data_path)
+        check_output("--data-path", args.data_path)
+        check_output("--data-path", path, folder=False)
         if os.path.isfile(path):
             os.remove(path)                                          # recompute on request
         mu, _ = fid_reference(args.dataset, args.data_path, weights=args.fid_weights, batch_size=args.batch_size)
@@ -2559,6 +2664,10 @@ def _main(argv=None):
         mu, sigma = stats_of(args.images, args.fid_weights, args.batch_size)
         print(f"FID of {args.images} against {args.ref}: {frechet_distance(mu, sigma, *ref):.4f}")
     else:
+        if args.image_size % 8 or not args.scale_factor > 0:
+            raise UserError(f"--image-size must be a multiple of 8 (the VAE downsamples by 8) and --scale-factor "
+                            f"> 0, got {args.image_size} and {args.scale_factor}")
+        check_output("--out", args.out)
         n = encode_latents(args.images, args.out, args.vae, args.image_size, args.batch_size, args.scale_factor,
                            args.shard_size, args.mode)
         print(f"wrote {n} latents to {args.out}")

@@ -267,7 +267,7 @@ def parse_config(argv=None):
     a("--euler-steps", type=int, nargs="+", help="steps of the v_theta Euler baseline to evaluate (Table 1: 128 4 1)")
 
     def resolve(args):
-        cfg = common.resolve_config(args, "direct", DEFAULTS, PRESETS)
+        cfg = common.resolve_config(args, "direct", DEFAULTS, PRESETS, RESUMABLE)
         if cfg["sample_only"] and args.euler_steps is None:
             cfg["euler_steps"] = []               # sampling: the v_theta baseline only when asked for
         if min(cfg["euler_steps"], default=1) < 1:

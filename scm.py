@@ -520,7 +520,7 @@ def parse_config(argv=None):
 
     def resolve(args):
         mode = args.mode or DEFAULTS["mode"]
-        cfg = common.resolve_config(args, "scm", DEFAULTS, {k: v[mode] for k, v in PRESETS.items()})
+        cfg = common.resolve_config(args, "scm", DEFAULTS, {k: v[mode] for k, v in PRESETS.items()}, RESUMABLE)
         check_config(cfg)
         return cfg
     return common.parse(p, argv, resolve)

@@ -25,7 +25,7 @@ import gcm
 import scm
 from conftest import ROOT, assert_states_equal, free_port, load_state, run_cli, write_cifar_fixture
 
-MAINS = {"direct": direct.main, "gcm": gcm.main, "scm": scm.main, "decm": decm.main}
+MAINS = {"direct": direct.main, "gcm": gcm.main, "scm": scm.main, "decm": decm.main, "common": common._main}
 TOY = ["--dataset", "moons", "--eval-samples", "64", "--log-every", "10"]
 
 
@@ -43,6 +43,14 @@ def bad_files(tmp_path_factory):
     cfg = direct.parse_config(["--dataset", "moons", "--out", str(run)])
     common.save_checkpoint(str(run / "ckpt.pt"), {"cfg": cfg, "step": 3})
     files["run"] = run
+    cond = root / "cond.pt"                                   # a class-conditional one (moons: classes 0, 1)
+    common.save_checkpoint(str(cond), {"cfg": direct.parse_config(["--dataset", "moons", "--class-cond", "--out",
+                                                                   str(root / "c")]), "step": 3})
+    files["cond"] = cond
+    files["dir_npz"] = root / "folder.npz"
+    files["dir_npz"].mkdir()
+    files["no_classes"] = root / "images"                      # an image folder without class sub-folders
+    files["no_classes"].mkdir()
     scm_cfg = scm.parse_config(["--dataset", "moons", "--out", str(root / "s")])
     common.save_checkpoint(str(root / "sct.pt"), {"cfg": scm_cfg, "step": 1})
     files["sct"] = root / "sct.pt"
@@ -156,6 +164,56 @@ def bad_inputs(f):
         ("gcm", ["--dataset", "cifar10", "--data-path", str(f["cifar_ok"]), "--model", "DiT-T/2", "--fid", "100",
                  "--fid-weights", str(f["fid_weights"]), "--fid-ref", str(f["run"] / "none.npz")],
          "FID reference statistics not found"),
+        # cluster events: output paths and every flag's domain, before any work, at every entry point
+        ("direct", ["--out", "/proc/run"], "--out /proc/run cannot be written"),
+        ("direct", ["--out", str(f["file"] / "sub")], "lies under"),
+        ("direct", ["--out", str(f["file"].parent / ("x" * 300))], "is too long"),
+        ("direct", ["--sample-only", "--ckpt", str(f["run"] / "ckpt.pt"), "--n", "-1"], "--n must be >= 1"),
+        ("direct", ["--sample-only", "--ckpt", str(f["run"] / "ckpt.pt"), "--npz", str(f["dir_npz"])],
+         "is a folder; it takes a file name"),
+        ("direct", ["--sample-only", "--ckpt", str(f["run"] / "ckpt.pt"), "--npz", "/proc/x.npz"], "cannot be written"),
+        ("direct", ["--sample-only", "--ckpt", str(f["run"] / "ckpt.pt"), "--npz", str(f["file"] / "x.npz")],
+         "lies under"),
+        ("direct", ["--sample-only", "--ckpt", str(f["run"] / "ckpt.pt"), "--png-dir", str(f["file"])],
+         "--png-dir " + str(f["file"]) + " is a file"),
+        ("direct", ["--sample-only", "--ckpt", str(f["run"] / "ckpt.pt"), "--class", "1"], "unconditional"),
+        ("direct", ["--sample-only", "--ckpt", str(f["cond"]), "--class", "0", "2"], "--class 2: the classes of moons"),
+        ("direct", ["--sample-only", "--ckpt", str(f["cond"]), "--class", "-1"], "--class -1"),
+        ("direct", ["--class-cond", "--class", "5"], "--class 5: the classes of moons are 0 .. 1"),
+        ("direct", ["--sample-only", "--ckpt", str(f["run"] / "ckpt.pt"), "--model", "DiT-S/2"], "drop --model"),
+        ("direct", ["--sample-only", "--ckpt", str(f["run"] / "ckpt.pt"), "--lr", "0.1"], "drop --lr 0.1"),
+        ("direct", ["--sample-only", "--ckpt", str(f["run"] / "ckpt.pt"), "--resume"], "drop --resume"),
+        ("direct", ["--sample-only", "--ckpt", str(f["run"] / "ckpt.pt"), "--seed", "-2"], "--seed must be >= 0"),
+        ("direct", ["--sample-only", "--ckpt", str(f["run"] / "ckpt.pt"), "--device", "cuda"], "no CUDA device"),
+        ("direct", ["--ckpt", str(f["run"] / "ckpt.pt")], "--ckpt is read by --sample-only"),
+        ("direct", ["--ema-halflife-kimg", "-1"], "--ema-halflife-kimg must be a finite number > 0"),
+        ("direct", ["--ema-halflife-kimg", "inf"], "--ema-halflife-kimg must be a finite number > 0"),
+        ("direct", ["--dataset", "digits", "--data-path", str(f["file"])], "--data-path " + str(f["file"]) + " is a file"),
+        ("direct", ["--data-path", str(f["cifar_ok"])], "--data-path does nothing for --dataset moons"),
+        ("direct", ["--fid", "10"], "--fid does nothing for --dataset moons"),
+        ("direct", ["--vae", "x"], "--vae does nothing"),
+        ("direct", ["--xflip"], "--xflip does nothing"),
+        ("direct", ["--seed", str(2 ** 32)], "--seed must lie in 0 .. 2^32 - 1"),
+        ("direct", ["--threads", "100000"], "--threads must lie in 1 .. "),
+        ("direct", ["--weight-decay", "nan"], "--weight-decay must be a finite number"),
+        ("scm", ["--P-mean", "inf"], "--P-mean must be a finite number"),
+        ("gcm", ["--mmd-sigma", "nan"], "--mmd-sigma must be"),
+        ("gcm", ["--dist-a", "3"], "--dist-a and --dist-b of the sine density must lie in [0, 2]"),
+        ("gcm", ["--betas", "1", "0.9"], "--betas must lie in [0, 1)"),
+        ("gcm", ["--diag-std", "0"], "--diag-std must be positive"),
+        ("decm", ["--eta", "inf"], "--eta must be > 0 and finite"),
+        ("decm", ["--fm-cos", "-1"], "--fm-cos must be >= 0"),
+        ("decm", ["--weight-decay", "-1"], "--weight-decay must be >= 0"),
+        ("common", ["fid-ref", str(f["cifar_ok"]), "--out", str(f["dir_npz"])], "is a folder; it takes a file name"),
+        ("common", ["fid-ref", str(f["cifar_ok"]), "--out", "/proc/stats.npz"], "cannot be written"),
+        ("common", ["fid-ref", "--data-path", str(f["file"])], "is a file, not a folder"),
+        ("common", ["fid", str(f["cifar_ok"]), "--ref", str(f["file"]), "--batch-size", "0"], "--batch-size must be >= 1"),
+        ("common", ["encode-latents", "--images", str(f["no_classes"]), "--out", str(f["file"])], "is a file, not a folder"),
+        ("common", ["encode-latents", "--images", str(f["no_classes"]), "--image-size", "12"], "a multiple of 8"),
+        ("common", ["encode-latents", "--images", str(f["no_classes"]), "--scale-factor", "inf"], "finite number"),
+        ("common", ["encode-latents", "--images", str(f["no_classes"]), "--shard-size", "0"], "--shard-size must be"),
+        ("common", ["encode-latents", "--images", str(f["no_classes"]), "--out", str(f["no_classes"] / "lat")],
+         "is not an ImageFolder"),
     ] + [(m, ["--dataset", ds, "--data-path", str(f[key]), "--model", "DiT-T/2"], msg) for m, ds, key, msg in (
         ("direct", "cifar10", "cifar_text", "is not a CIFAR-10 batch"),
         ("gcm", "cifar10", "cifar_shape", "must be a uint8 array of shape [n, 3072]"),
@@ -178,6 +236,8 @@ def test_bad_inputs_are_one_line_with_nothing_left(bad_files, tmp_path, capsys):
         args = (["--dataset", "moons"] if "--dataset" not in argv else []) + argv
         if "--out" not in args:
             args += ["--out", str(out)]
+        if method == "common":
+            args = argv
         code, err = run_cli(MAINS[method], args, capsys)
         if not (code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0]
                 and not out.exists()):
@@ -186,6 +246,49 @@ def test_bad_inputs_are_one_line_with_nothing_left(bad_files, tmp_path, capsys):
     assert not failures, "\n".join(failures)
     assert {str(p): sorted(os.listdir(p)) for p in (bad_files["run"],)} == before
     assert not (bad_files["cifar_evil"].parent / "pwned").exists()          # the pickle's payload never ran
+
+
+def parsers(monkeypatch):
+    """{method: the argparse parser its parse_config builds} (caught on its way into common.parse)."""
+    class Caught(Exception):
+        pass
+
+    def catch(parser, argv, resolve):
+        raise Caught(parser)
+    monkeypatch.setattr(common, "parse", catch)
+    found = {}
+    for name, module in (("direct", direct), ("scm", scm), ("gcm", gcm), ("decm", decm)):
+        with pytest.raises(Caught) as caught:
+            module.parse_config([])
+        found[name] = caught.value.args[0]
+    monkeypatch.undo()
+    return found
+
+
+def test_every_number_flag_has_its_domain_checked(tmp_path, monkeypatch, capsys):
+    """The class of problem behind the table above, for every flag of every method that takes a number: nan,
+    inf (where infinity means nothing) and -1 for the integers are one line naming the flag, exit 2, nothing
+    left behind."""
+    cases = []
+    for method, parser in parsers(monkeypatch).items():
+        for action in parser._actions:
+            if action.type not in (float, common.float_or_inf, int) or (method != "direct" and action.dest in
+                                                                           common.COMMON_DEFAULTS):
+                continue                                      # the shared flags once, with direct.py
+            values = {float: ["nan", "inf"], common.float_or_inf: ["nan"], int: ["-1"]}[action.type]
+            for v in values:
+                extra = ["0.5"] * (action.nargs - 1 if isinstance(action.nargs, int) else 0)
+                cases.append((method, action, [action.option_strings[0], v, *extra]))
+    assert len(cases) > 100
+    failures = []
+    for i, (method, action, argv) in enumerate(cases):
+        out = tmp_path / f"out-{i}"
+        code, err = run_cli(MAINS[method], ["--dataset", "moons", *argv, "--out", str(out)], capsys)
+        names = (action.option_strings[0], action.dest, action.option_strings[0].lstrip("-"))
+        if not (code == 2 and len(err) == 1 and err[0].startswith("error: ") and any(n in err[0] for n in names)
+                and not out.exists()):
+            failures.append(f"{method} {' '.join(argv)} -> exit {code}, {err[-3:]}, out left: {out.exists()}")
+    assert not failures, "\n".join(failures)
 
 
 def test_restricted_unpickler_refuses_code(tmp_path):
