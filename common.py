@@ -1379,6 +1379,17 @@ def load_checkpoint(path, method=None):
     return ckpt
 
 
+def load_state(obj, ckpt, name, path):
+    """obj.load_state_dict(ckpt[name]), or one line when the checkpoint `path` has no such state or it does not
+    fit `obj` (another model size, data shape or option)."""
+    if name not in ckpt:
+        raise UserError(f"{path} has no {name!r} state (written with other options?)")
+    try:
+        obj.load_state_dict(ckpt[name])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f"{path}: its {name!r} state does not fit this run ({str(e).splitlines()[0][:120]})") from None
+
+
 def all_finite(module_or_state):
     state = module_or_state.state_dict() if isinstance(module_or_state, nn.Module) else module_or_state
     return all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v) and v.is_floating_point())
@@ -1762,6 +1773,8 @@ def check_common(cfg):
         raise UserError("--npz / --png-dir export samples with --sample-only --ckpt CKPT")
     if cfg["ckpt"] and not cfg["sample_only"]:
         raise UserError("--ckpt is read by --sample-only; a training run continues from OUT/ckpt.pt with --resume")
+    if cfg["keep"] and not cfg["snapshot_every"]:
+        raise UserError("--keep N keeps the newest snapshots: give --snapshot-every KIMG too")
     if cfg["npz"] and not cfg["npz"].endswith(".npz"):
         raise UserError(f"--npz takes a file name ending in .npz, got {cfg['npz']!r}")
     toy, latent = cfg["dataset"] in TOY_SETS, cfg["dataset"] == "imagenet-latents"
@@ -1844,6 +1857,29 @@ def check_late_needs(cfg, data, dist_info):
         digits_classifier(cfg.get("data_path"), verbose=False)
 
 
+def check_run_folder(cfg, ckpt_path, resumable):
+    """OUT's checkpoint is continued only with --resume, and a resumed run may change only what RESUMABLE (and
+    the method's `resumable`) allows. Returns {setting: (old, new)} of what --resume changes."""
+    exists = os.path.isfile(ckpt_path)
+    if os.path.lexists(ckpt_path) and not exists:
+        raise UserError(f"{ckpt_path} is not a file; a run keeps its checkpoint there")
+    if exists and not cfg.get("resume"):
+        raise UserError(f"{cfg['out']} already holds a run ({ckpt_path}); continue it with --resume, or "
+                        f"choose another --out")
+    if cfg.get("resume") and not exists:
+        raise UserError(f"--resume: there is no checkpoint {ckpt_path} to continue")
+    trained = cfg.pop("resume_of", None)
+    if trained is None:
+        return {}
+    allowed = RESUMABLE | set(resumable)
+    changed = sorted(k for k in set(cfg) | set(trained) if k not in allowed and cfg.get(k) != trained.get(k))
+    if changed:
+        parts = ", ".join(f"--{k.replace('_', '-')} {trained.get(k)} -> {cfg.get(k)}" for k in changed[:4])
+        raise UserError(f"--resume continues the run in {cfg['out']}, which was started with other settings "
+                        f"({parts}); drop those flags, or start a new run with another --out")
+    return {k: (trained.get(k), cfg.get(k)) for k in sorted(allowed - {"resume"}) if trained.get(k) != cfg.get(k)}
+
+
 class RunLock:
     """One live process writes a run folder at a time. The writer holds an exclusive flock on OUT/.lock, which
     the kernel drops when the process ends, however it ends (kill -9, a lost node): a job scheduled twice is
@@ -1876,20 +1912,26 @@ class RunLock:
         _LOCKS.discard(self)
 
     def _holder(self):
-        """'pid P on host H' of a live holder, else None (probed with a shared lock, dropped at once)."""
+        """Why this process may not write the folder (a live holder, named), or None. Probes with a shared lock,
+        dropped at once."""
         try:
             with open(self.path, "rb") as f:
                 fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             with open(self.path, "rb") as f:
-                return f.read().decode(errors="replace").strip() or "a process that is starting"
+                holder = f.read().decode(errors="replace").strip() or "a process that is starting"
+            return (f"{self.folder} is in use by {holder}, which holds {self.path} (one process writes a run folder "
+                    f"at a time); wait for it to end, or stop it and continue with --resume" + self.hint)
         except OSError:                                             # no lock file yet, or no locks here
             pass
         return None
 
     def _take(self):
-        os.makedirs(self.folder, exist_ok=True)
-        f = open(self.path, "a+b")                                  # not truncated before it is ours
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+            f = open(self.path, "a+b")                              # not truncated before it is ours
+        except OSError as e:
+            return f"cannot create the lock {self.path} ({e.strerror or e})"
         for _ in range(20):                                         # another start may probe it this moment
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1903,22 +1945,20 @@ class RunLock:
                 return None
         else:
             f.close()
-            return self._holder() or "another process"
+            return self._holder() or f"{self.folder} is in use by another process; wait for it to end"
         f.truncate(0)
         f.write(f"pid {os.getpid()} on host {socket.gethostname()}\n".encode())
         f.flush()
         self.file = f
         return None
 
-    def _refuse_if(self, holder):
+    def _refuse_if(self, refusal):
         if self.dist.ddp:
-            box = [holder]
+            box = [refusal]
             tdist.broadcast_object_list(box, src=0)
-            holder = box[0]
-        if holder:
-            raise UserError(f"{self.folder} is in use by {holder}, which holds {self.path} (one process writes a "
-                            f"run folder at a time); wait for it to end, or stop it and continue with --resume"
-                            + self.hint)
+            refusal = box[0]
+        if refusal:
+            raise UserError(refusal)
 
 
 _LOCKS = set()                          # run folders this process holds (released however its run ends)
@@ -1952,22 +1992,22 @@ class Run:
         self._threads_before = torch.get_num_threads()
         if cfg.get("threads"):
             torch.set_num_threads(cfg["threads"])
-        world = self.dist.world_size
-        if cfg["batch_size"] % world:
+        world, training = self.dist.world_size, not cfg.get("sample_only")     # sampling: --fid-batch batches
+        if training and cfg["batch_size"] % world:
             raise UserError(f"global batch {cfg['batch_size']} is not divisible by the world size {world}")
-        self.batch_per_rank = cfg["batch_size"] // world
+        self.batch_per_rank = max(cfg["batch_size"] // world, 1)
         self.batch_gpu = min(cfg.get("batch_gpu") or self.batch_per_rank, self.batch_per_rank)   # at most the share
-        if self.batch_per_rank % self.batch_gpu:
+        if training and self.batch_per_rank % self.batch_gpu:
             raise UserError(f"--batch-gpu {self.batch_gpu} does not divide the per-process batch {self.batch_per_rank} "
                             f"(--batch-size {cfg['batch_size']} over {world} processes)")
-        self.out = cfg["out"]
+        self.out, self.resumed_changes = cfg["out"], {}
         self.is_main = self.dist.is_main
         self.ckpt_path = os.path.join(self.out, "ckpt.pt")
         self.lock = RunLock(self.out, self.dist, "; --sample-only can write elsewhere with --out DIR"
                             if cfg.get("sample_only") else "")
         self.lock.check()
-        if not cfg.get("sample_only"):
-            self._check_folder(resumable)
+        if training:
+            self.resumed_changes = check_run_folder(cfg, self.ckpt_path, resumable)
         if data is not None:
             check_late_needs(cfg, data, self.dist)
         seed_everything(cfg["seed"], self.dist)
@@ -1978,28 +2018,6 @@ class Run:
         self._acc, self._acc_n, self._t_last, self._lr, self._last_step = {}, 0, time.time(), None, 0
         self._bar = None
         self.logger = JSONLLogger(os.path.join(self.out, "log.jsonl"), self.is_main)
-
-    def _check_folder(self, resumable):
-        """OUT must not be a file; a checkpoint there is continued only with --resume, and a resumed run may
-        change only what RESUMABLE (and the method's `resumable`) allows."""
-        cfg = self.cfg
-        exists = os.path.isfile(self.ckpt_path)
-        if exists and not cfg.get("resume"):
-            raise UserError(f"{self.out} already holds a run ({self.ckpt_path}); continue it with --resume, or "
-                            f"choose another --out")
-        if cfg.get("resume") and not exists:
-            raise UserError(f"--resume: there is no checkpoint {self.ckpt_path} to continue")
-        trained = cfg.pop("resume_of", None)
-        if trained is None:
-            return
-        allowed = RESUMABLE | set(resumable)
-        changed = sorted(k for k in set(cfg) | set(trained) if k not in allowed and cfg.get(k) != trained.get(k))
-        if changed:
-            parts = ", ".join(f"--{k.replace('_', '-')} {trained.get(k)} -> {cfg.get(k)}" for k in changed[:4])
-            raise UserError(f"--resume continues the run in {self.out}, which was started with other settings "
-                            f"({parts}); drop those flags, or start a new run with another --out")
-        self.resumed_changes = {k: (trained.get(k), cfg.get(k)) for k in sorted(allowed - {"resume"})
-                                if trained.get(k) != cfg.get(k)}
 
     # -- start ---------------------------------------------------------------------------------
     def start(self, state, describe=""):
@@ -2030,7 +2048,7 @@ class Run:
                f"parameters), batch {self.cfg['batch_size']}{accumulation}, {self.cfg['steps']} steps, {device}; "
                f"writing to {self.out}" + (f"; resumed at step {start}" if start else ""))
         print0("config: " + json.dumps(self.cfg, sort_keys=True))
-        for k, (old, new) in getattr(self, "resumed_changes", {}).items():
+        for k, (old, new) in self.resumed_changes.items():
             print0(f"--resume: {k} {old} -> {new}")
 
     def autocast(self):
@@ -2249,13 +2267,7 @@ class Run:
         """Load OUT/ckpt.pt into `objects` and the RNG streams (--resume); returns the start step."""
         ckpt = load_checkpoint(self.ckpt_path, self.cfg["method"])
         for name, obj in objects.items():
-            if name not in ckpt:
-                raise UserError(f"{self.ckpt_path} has no {name!r} state (written with other options?)")
-            try:
-                obj.load_state_dict(ckpt[name])
-            except (RuntimeError, ValueError, KeyError) as e:
-                raise UserError(f"{self.ckpt_path}: its {name!r} state does not fit this run "
-                                f"({str(e).splitlines()[0][:120]})") from None
+            load_state(obj, ckpt, name, self.ckpt_path)
             if isinstance(obj, torch.optim.Optimizer):            # a changed --lr applies from here on
                 for group in obj.param_groups:
                     group["lr"] = self.cfg["lr"]

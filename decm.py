@@ -525,7 +525,7 @@ def sample_only(cfg):
     run = common.Run(cfg, data=data)
     ckpt = common.load_checkpoint(cfg["ckpt"], "decm")
     net = build_net(cfg, data, cfg["role"])
-    net.load_state_dict(ckpt["ema"])
+    common.load_state(net, ckpt, "ema", cfg["ckpt"])
     sample = samplers(net.to(run.device).eval(), cfg, data, run.device)
     run.export(sample, data)
     run.finish("sample", sample, data)

@@ -407,7 +407,7 @@ def sample_only(cfg):
     data = common.load_dataset(cfg["dataset"], cfg["data_path"], cfg["vae"])
     run = common.Run(cfg, data=data)
     net = build_model(cfg, data)
-    net.load_state_dict(common.load_checkpoint(cfg["ckpt"], "gcm")["ema"])
+    common.load_state(net, common.load_checkpoint(cfg["ckpt"], "gcm"), "ema", cfg["ckpt"])
     sample = samplers(net.to(run.device).eval(), cfg, data, run.device)
     run.export(sample, data)
     run.finish("sample", sample, data)

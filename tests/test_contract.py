@@ -51,6 +51,10 @@ def bad_files(tmp_path_factory):
     files["dir_npz"].mkdir()
     files["no_classes"] = root / "images"                      # an image folder without class sub-folders
     files["no_classes"].mkdir()
+    files["misfit"] = root / "misfit.pt"                       # weights of another shape
+    common.save_checkpoint(str(files["misfit"]), {"cfg": cfg, "step": 3, "ema_v": {"net.0.weight": torch.zeros(3)}})
+    files["ckpt_dir"] = root / "ckpt_dir"                      # a run folder whose ckpt.pt is a folder
+    (files["ckpt_dir"] / "ckpt.pt").mkdir(parents=True)
     scm_cfg = scm.parse_config(["--dataset", "moons", "--out", str(root / "s")])
     common.save_checkpoint(str(root / "sct.pt"), {"cfg": scm_cfg, "step": 1})
     files["sct"] = root / "sct.pt"
@@ -186,6 +190,10 @@ def bad_inputs(f):
         ("direct", ["--sample-only", "--ckpt", str(f["run"] / "ckpt.pt"), "--seed", "-2"], "--seed must be >= 0"),
         ("direct", ["--sample-only", "--ckpt", str(f["run"] / "ckpt.pt"), "--device", "cuda"], "no CUDA device"),
         ("direct", ["--ckpt", str(f["run"] / "ckpt.pt")], "--ckpt is read by --sample-only"),
+        ("direct", ["--sample-only", "--ckpt", str(f["run"] / "ckpt.pt")], "has no 'ema_v' state"),
+        ("direct", ["--sample-only", "--ckpt", str(f["misfit"])], "its 'ema_v' state does not fit"),
+        ("direct", ["--out", str(f["ckpt_dir"])], "ckpt.pt is not a file"),
+        ("direct", ["--keep", "2"], "give --snapshot-every"),
         ("direct", ["--ema-halflife-kimg", "-1"], "--ema-halflife-kimg must be a finite number > 0"),
         ("direct", ["--ema-halflife-kimg", "inf"], "--ema-halflife-kimg must be a finite number > 0"),
         ("direct", ["--dataset", "digits", "--data-path", str(f["file"])], "--data-path " + str(f["file"]) + " is a file"),
