@@ -1886,7 +1886,8 @@ class RunLock:
     refused while the first lives and takes over once it has died, and a stale file never blocks anything.
     The file holds the holder's pid and host, for the one line that refuses a second writer; it stays in OUT,
     emptied, after a release. Under torchrun rank 0 alone holds the lock and tells the other ranks what it
-    found, so `check` and `acquire` are collectives. A file system without flock gets a warning, no lock."""
+    found, so `check` and `acquire` are collectives. A file system without flock gets a warning, no lock; NFS
+    clients emulate flock with whole-file fcntl locks (https://man7.org/linux/man-pages/man2/flock.2.html)."""
 
     def __init__(self, folder, dist_info, hint=""):
         self.folder, self.path, self.dist, self.hint = folder, os.path.join(folder, ".lock"), dist_info, hint
@@ -1927,6 +1928,7 @@ class RunLock:
         return None
 
     def _take(self):
+        """Rank 0: take the lock and write who holds it; None, or why the lock cannot be had."""
         try:
             os.makedirs(self.folder, exist_ok=True)
             f = open(self.path, "a+b")                              # not truncated before it is ours
