@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import contextvars
 import copy
+import fcntl
 import functools
 import json
 import math
@@ -21,7 +22,9 @@ import os
 import pickle
 import re
 import signal
+import socket
 import sys
+import tempfile
 import threading
 import time
 import weakref
@@ -995,7 +998,10 @@ def encode_latents(images, out, vae_name=DEFAULT_VAE, image_size=256, batch_size
         raise UserError(f"image folder not found: {images}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tf = T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToTensor()])
-    folder = tvd.ImageFolder(images, transform=tf)
+    try:
+        folder = tvd.ImageFolder(images, transform=tf)
+    except (FileNotFoundError, OSError) as e:                 # no class folders, or no images in one
+        raise UserError(f"{images} is not an ImageFolder (one sub-folder of images per class): {e}") from None
     loader = torch.utils.data.DataLoader(folder, batch_size=batch_size, shuffle=False, num_workers=0)
     if encoder is None:
         vae = _load_vae(vae_name, device)
@@ -1288,9 +1294,12 @@ def fid_reference(dataset, data_path=None, ref=None, weights=None, batch_size=25
     batches = (data.get(idx[i:i + batch_size])[0] for i in range(0, len(idx), batch_size))
     mu, sigma = inception_stats(batches, inception, dist_info.device)
     if dist_info.is_main:
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, mu=mu, sigma=sigma)
-        os.replace(tmp, path)
+        tmp = path + f".tmp{os.getpid()}.npz"
+        try:
+            np.savez(tmp, mu=mu, sigma=sigma)
+            os.replace(tmp, path)
+        except OSError as e:                                  # a read-only data folder: computed, not cached
+            print0(f"warning: could not cache the FID reference statistics in {path} ({e.strerror or e})")
     return mu, sigma
 
 
@@ -1494,6 +1503,17 @@ def load_checkpoint(path, method=None):
     return ckpt
 
 
+def load_state(obj, ckpt, name, path):
+    """obj.load_state_dict(ckpt[name]), or one line when the checkpoint `path` has no such state or it does not
+    fit `obj` (another model size, data shape or option)."""
+    if name not in ckpt:
+        raise UserError(f"{path} has no {name!r} state (written with other options?)")
+    try:
+        obj.load_state_dict(ckpt[name])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f"{path}: its {name!r} state does not fit this run ({str(e).splitlines()[0][:120]})") from None
+
+
 def all_finite(module_or_state):
     state = module_or_state.state_dict() if isinstance(module_or_state, nn.Module) else module_or_state
     return all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v) and v.is_floating_point())
@@ -1547,7 +1567,9 @@ def save_scatter(points, path, reference=None, size=384, lim=3.0):
 
 
 class JSONLLogger:
-    """Appends one JSON object per line (rank 0 only)."""
+    """OUT/log.jsonl, the run's one append-only record (log steps and snapshots): one JSON object per line,
+    appended by rank 0. A process killed in the middle of an append leaves a torn last line, and a node that
+    loses power can leave NUL bytes or garbage; `cut` copes with both when a run starts."""
 
     def __init__(self, path, enabled=True):
         self.path, self.enabled = path, enabled
@@ -1556,6 +1578,65 @@ class JSONLLogger:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def cut(self, step):
+        """Keep the records up to `step` (where the run starts again), so that each step is logged once, and
+        drop every line that is not a whole record; say in one line what was dropped. The file is rewritten
+        whole (temporary file, then rename), so the next append starts on a fresh line."""
+        if not (self.enabled and os.path.isfile(self.path)):
+            return
+        keep, later, unreadable = [], 0, 0
+        with open(self.path, "rb") as f:                 # bytes: garbage need not be UTF-8
+            for line in f:
+                record = _json_record(line)
+                if record is None:
+                    unreadable += bool(line.strip())
+                elif record["step"] <= step:
+                    keep.append(line.rstrip(b"\r\n") + b"\n")
+                else:
+                    later += 1
+        tmp = self.path + f".tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.writelines(keep)
+        os.replace(tmp, self.path)
+        dropped = [f"{later} record(s) past step {step}"] * bool(later) + \
+                  [f"{unreadable} unreadable line(s) (a write cut short by a kill or a crash)"] * bool(unreadable)
+        if dropped:
+            print0(f"{self.path}: kept the {len(keep)} record(s) up to step {step}; dropped {' and '.join(dropped)}")
+
+
+def _json_record(line):
+    """The record on one line of log.jsonl (a JSON object with an integer step), or None."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except ValueError:                                    # UnicodeDecodeError and JSONDecodeError alike
+        return None
+    return record if isinstance(record, dict) and type(record.get("step")) is int else None
+
+
+def read_json(path):
+    """The JSON object in `path`: {} when there is none, or when the file is not one (then said in a line, as
+    the caller is about to write it anew)."""
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, "rb") as f:
+            obj = json.loads(f.read().decode("utf-8"))
+        if isinstance(obj, dict):
+            return obj
+    except ValueError:
+        pass
+    print0(f"warning: {path} is not a JSON object (a write cut short?); it is written anew")
+    return {}
+
+
+def write_json(path, obj):
+    """A JSON file written whole or not at all (temporary file, then rename): a kill while writing leaves the
+    old file."""
+    tmp = path + f".tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
 
 
 # ==============================================================================================
@@ -1583,9 +1664,14 @@ COMMON_DEFAULTS = dict(
     deterministic=False, compile=False, guard="light", device=None, threads=None, eval_samples=None, vae=None,
 )
 
+# What --sample-only may set: which samples, how many, where they go and how they are scored, not what the
+# checkpoint holds. A method adds its own sampling settings (its RESUMABLE).
+SAMPLING = {"sample_only", "ckpt", "out", "n", "npz", "png_dir", "classes", "nfe", "fid", "fid_weights", "fid_ref",
+            "fid_batch", "eval_samples", "seed", "device", "threads", "bf16", "tf32", "deterministic", "data_path", "vae"}
+
 # What --resume may change: how long, how fast and how the run reports and samples, not what its checkpoint
 # holds (model, method variant, data, teacher...). A method adds its own sampling-only settings.
-RESUMABLE = {"steps", "lr", "batch_gpu", "log_every", "sample_every", "ckpt_every", "snapshot_every", "keep",
+RESUMABLE = {"out", "steps", "lr", "batch_gpu", "log_every", "sample_every", "ckpt_every", "snapshot_every", "keep",
              "nfe", "n", "eval_samples", "fid", "fid_weights", "fid_ref", "fid_batch", "max_skips", "device",
              "bf16", "target_precision", "tf32", "deterministic", "compile", "guard", "threads", "data_path", "vae",
              "resume", "grad_clip"}
@@ -1616,6 +1702,9 @@ def cli(main, argv=None):
             print(f"{'stopped' if isinstance(e, Interrupted) else 'error'}: {e}", file=sys.stderr, flush=True)
         sys.exit(e.code if isinstance(e, Interrupted) else EXIT_USER_ERROR if isinstance(e, UserError)
                  else EXIT_RUN_ERROR)
+    finally:
+        for lock in list(_LOCKS):                         # a run ended by an exception lets go of its folder
+            lock.release()
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -1701,7 +1790,9 @@ def parse(parser, argv, resolve):
     --dataset), then exit 0."""
     args = parser.parse_args(argv)
     if not args.help:
-        return resolve(args)
+        cfg = resolve(args)
+        check_numbers(parser, cfg)
+        return cfg
     args.help = None
     try:
         cfg = resolve(args)
@@ -1720,11 +1811,12 @@ def parse(parser, argv, resolve):
     sys.exit(0)
 
 
-def resolve_config(args, method, defaults, presets):
+def resolve_config(args, method, defaults, presets, sampling=()):
     """defaults <- presets[setting] <- explicitly given flags. Toy sets use presets["toy"] unless they
     have their own entry. --sample-only and --resume start from the checkpoint's saved config instead,
-    then apply the flags given (Run checks that a resumed run changes only what RESUMABLE allows).
-    Returns a plain dict (saved as config.json)."""
+    then apply the flags given: --sample-only takes the sampling flags (SAMPLING, and the method's own
+    `sampling` settings) and others only with the checkpoint's value; Run checks that a resumed run changes
+    only what RESUMABLE allows. Returns a plain dict (saved as config.json)."""
     given = {k: v for k, v in vars(args).items() if v is not None and k != "help"}
     if given.pop("imagenet_latents", False):
         given["dataset"] = "imagenet-latents"
@@ -1732,8 +1824,13 @@ def resolve_config(args, method, defaults, presets):
         if not given.get("ckpt"):
             raise UserError("--sample-only needs --ckpt PATH")
         trained = load_checkpoint(given["ckpt"], method)["cfg"]
-        cfg = {**COMMON_DEFAULTS, **defaults, **trained, "resume": False, **given}
+        fixed = sorted(k for k in given if k not in SAMPLING | set(sampling) and given[k] != trained.get(k))
+        if fixed:
+            flags = ", ".join(f"--{k.replace('_', '-')} {given[k]} (it has {trained.get(k)})" for k in fixed[:4])
+            raise UserError(f"--sample-only uses the settings {given['ckpt']} was trained with; drop {flags}")
+        cfg = {**COMMON_DEFAULTS, **defaults, **trained, **given, "resume": False}
         cfg["out"] = given.get("out") or os.path.dirname(os.path.abspath(given["ckpt"]))
+        check_common(cfg)
         return cfg
     dataset = given.get("dataset")
     if dataset is None:
@@ -1743,12 +1840,14 @@ def resolve_config(args, method, defaults, presets):
     cfg.update(method=method, dataset=dataset)
     cfg["out"] = cfg["out"] or os.path.join("runs", f"{method}-{dataset}")
     if given.get("resume"):                         # the run's own config, then the flags given
-        path = os.path.join(cfg["out"], "ckpt.pt")
+        out, path = cfg["out"], os.path.join(cfg["out"], "ckpt.pt")
         if os.path.isfile(path):
-            trained = load_checkpoint(path, method)["cfg"]
-            cfg = {**COMMON_DEFAULTS, **defaults, **trained, **given, "resume_of": trained}
-    if "ema_decay" in given:
+            trained = relocated(load_checkpoint(path, method)["cfg"], out)
+            cfg = {**COMMON_DEFAULTS, **defaults, **trained, **given, "out": out, "resume_of": trained}
+    if "ema_decay" in given:                        # the EMA flag given wins over the preset's other one
         cfg["ema_halflife_kimg"] = None
+    elif "ema_halflife_kimg" in given:
+        cfg["ema_decay"] = None
     if cfg["eval_samples"] is None:
         cfg["eval_samples"] = 4096 if dataset in TOY_SETS else 1000
     if cfg["threads"] is None and dataset in TOY_SETS:
@@ -1757,8 +1856,26 @@ def resolve_config(args, method, defaults, presets):
     return cfg
 
 
+def relocated(trained, out):
+    """A run folder moved or copied elsewhere resumes from its new path `out`: where a run lives is not one of
+    its settings, so the files its config names inside the old folder (decm.py's two-stage OUT/teacher/ckpt.pt)
+    are read from the new one, where they moved with it. Paths outside the folder (an sCD teacher) are the
+    user's files and stay as they are."""
+    old = trained.get("out") or out
+
+    def move(path):
+        if not isinstance(path, str) or os.path.isabs(path) != os.path.isabs(old):
+            return path
+        rel = os.path.relpath(path, old)
+        inside = rel not in (os.curdir, os.pardir) and not rel.startswith(os.pardir + os.sep)
+        return os.path.join(out, rel) if inside and os.path.exists(os.path.join(out, rel)) else path
+    return {k: v if k == "out" else move(v) for k, v in trained.items()}
+
+
 def check_common(cfg):
-    """The shared flags, checked before anything is created: one UserError naming the first bad one."""
+    """The shared flags, checked before any work for training and --sample-only alike (the checkpoint's own
+    settings pass; what depends on the data is in check_late_needs): one UserError naming the first bad one.
+    Every float flag is also finite (`check_numbers`)."""
     def positive(key, allow_zero=False):
         v = cfg.get(key)
         if v is not None and not (v >= 0 if allow_zero else v >= 1):
@@ -1768,6 +1885,10 @@ def check_common(cfg):
         positive(key)
     for key in ("steps", "fid", "eval_samples", "seed"):
         positive(key, allow_zero=True)
+    if cfg["seed"] >= 2 ** 32:                                  # seeds of every rank and batch stay in int64
+        raise UserError(f"--seed must lie in 0 .. 2^32 - 1, got {cfg['seed']}")
+    if cfg["threads"] and cfg["threads"] > (os.cpu_count() or 1):
+        raise UserError(f"--threads must lie in 1 .. {os.cpu_count()} (the CPUs here), got {cfg['threads']}")
     if not (math.isfinite(cfg["lr"]) and cfg["lr"] > 0):
         raise UserError(f"--lr must be a finite number > 0, got {cfg['lr']}")
     if any(k < 1 for k in cfg["nfe"]):
@@ -1776,8 +1897,9 @@ def check_common(cfg):
         raise UserError(f"--grad-clip must be >= 0 (0: off), got {cfg['grad_clip']}")
     if cfg["ema_decay"] is not None and not 0 <= cfg["ema_decay"] < 1:
         raise UserError(f"--ema-decay must lie in [0, 1), got {cfg['ema_decay']}")
-    if cfg["ema_decay"] is None and cfg["ema_halflife_kimg"] is not None and not cfg["ema_halflife_kimg"] > 0:
-        raise UserError(f"--ema-halflife-kimg must be > 0, got {cfg['ema_halflife_kimg']}")
+    halflife = cfg["ema_halflife_kimg"]
+    if halflife is not None and not (math.isfinite(halflife) and halflife > 0):
+        raise UserError(f"--ema-halflife-kimg must be a finite number > 0, got {halflife}")
     if cfg["target_precision"] == "bf16" and not cfg["bf16"]:
         raise UserError("--target-precision bf16 runs the target passes under --bf16's autocast: add --bf16")
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
@@ -1786,18 +1908,82 @@ def check_common(cfg):
         raise UserError("--class picks classes of a class-conditional model; this model is unconditional")
     if (cfg["npz"] or cfg["png_dir"]) and not cfg["sample_only"]:
         raise UserError("--npz / --png-dir export samples with --sample-only --ckpt CKPT")
+    if cfg["ckpt"] and not cfg["sample_only"]:
+        raise UserError("--ckpt is read by --sample-only; a training run continues from OUT/ckpt.pt with --resume")
+    if cfg["keep"] and not cfg["snapshot_every"]:
+        raise UserError("--keep N keeps the newest snapshots: give --snapshot-every KIMG too")
     if cfg["npz"] and not cfg["npz"].endswith(".npz"):
         raise UserError(f"--npz takes a file name ending in .npz, got {cfg['npz']!r}")
-    for key in ("out", "png_dir"):
-        if cfg.get(key) and os.path.isfile(cfg[key]):
-            raise UserError(f"--{key.replace('_', '-')} {cfg[key]} is a file, not a folder")
+    toy, latent = cfg["dataset"] in TOY_SETS, cfg["dataset"] == "imagenet-latents"
+    for flag, ignored in (("--data-path", toy and cfg["data_path"]), ("--xflip", toy and cfg["xflip"]),
+                          ("--fid", toy and cfg["fid"]), ("--vae", not latent and cfg["vae"])):
+        if ignored:                                             # a flag that would do nothing is a mistake
+            raise UserError(f"{flag} does nothing for --dataset {cfg['dataset']}"
+                            + ("; toy sets are scored by the sliced Wasserstein distance" if flag == "--fid" else ""))
+    check_output("--out", cfg["out"])
+    if cfg["png_dir"]:
+        check_output("--png-dir", cfg["png_dir"])
+    if cfg["npz"]:
+        check_output("--npz", cfg["npz"], folder=False)
+    if cfg["data_path"]:
+        check_output("--data-path", cfg["data_path"], writable=False)
+
+
+def check_output(flag, path, folder=True, writable=True):
+    """A path the run will write (a folder, or with folder=False a file), checked before any work for what can
+    be known then: not a file where a folder must go or the reverse, not under a file, no name too long for
+    its file system, and a place where files can be made: tried by making and dropping a nameless temporary
+    file in the nearest existing folder, since /proc or a read-only mount refuse only the attempt and
+    permission bits say nothing to root. Creates nothing. writable=False checks only the shape (--data-path
+    may be a read-only data set)."""
+    full = os.path.abspath(path)
+    if folder and os.path.lexists(full) and not os.path.isdir(full):
+        raise UserError(f"{flag} {path} is a file, not a folder")
+    if not folder and os.path.isdir(full):
+        raise UserError(f"{flag} {path} is a folder; it takes a file name")
+    base = full if folder else os.path.dirname(full)
+    while not os.path.isdir(base):
+        if os.path.lexists(base):
+            raise UserError(f"{flag} {path} lies under {base}, which is a file, not a folder")
+        base = os.path.dirname(base)
+    if not writable:
+        return
+    longest = max(os.path.relpath(full, base).split(os.sep), key=lambda name: len(os.fsencode(name)))
+    if len(os.fsencode(longest)) > os.pathconf(base, "PC_NAME_MAX"):
+        raise UserError(f"{flag} {path}: the name {longest[:16]}... is too long for the file system")
+    try:
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as e:
+        raise UserError(f"{flag} {path} cannot be written: nothing can be created in {base} ({e.strerror})") from None
+
+
+def check_numbers(parser, values):
+    """Every float flag of `parser` takes a finite number: nan or inf as a learning rate, a time or a weight
+    would only surface as a non-finite run later. A flag with a meaning at infinity declares type=float_or_inf
+    (and still refuses nan). Run after the specific checks, whose messages say more."""
+    for action in parser._actions:
+        if action.type in (float, float_or_inf):
+            value = values.get(action.dest)
+            for v in value if isinstance(value, (list, tuple)) else [value]:
+                if v is not None and (math.isnan(v) or (math.isinf(v) and action.type is float)):
+                    raise UserError(f"{action.option_strings[0]} must be a finite number, got {v}")
+
+
+def float_or_inf(text):
+    """argparse type of a float flag that may be infinite (see check_numbers)."""
+    return float(text)
 
 
 def check_late_needs(cfg, data, dist_info):
     """What a run needs only at its end (or at its first grid), checked at its start, so that no long run
-    dies there: the VAE that decodes latent samples (diffusers importable, the model loadable from its name
-    or --vae PATH); with --fid, the Inception weights and the reference statistics (computed and cached now
-    if they can be); for digits, the classifier of the digits figure (trained and cached now)."""
+    dies there: the classes of --class (those of the data the model was built for); the VAE that decodes
+    latent samples (diffusers importable, the model loadable from its name or --vae PATH); with --fid, the
+    Inception weights and the reference statistics (computed and cached now if they can be); for digits,
+    the classifier of the digits figure (trained and cached now)."""
+    bad = [k for k in cfg.get("classes") or () if not 0 <= k < data.num_classes]
+    if bad:
+        raise UserError(f"--class {bad[0]}: the classes of {cfg['dataset']} are 0 .. {data.num_classes - 1}")
     if data.kind == "latent":
         _load_vae(data.meta["vae"], "cpu")
     if cfg.get("fid") and data.kind != "toy":
@@ -1852,6 +2038,115 @@ class UpdateGuard:
         return True
 
 
+def check_run_folder(cfg, ckpt_path, resumable):
+    """OUT's checkpoint is continued only with --resume, and a resumed run may change only what RESUMABLE (and
+    the method's `resumable`) allows. Returns {setting: (old, new)} of what --resume changes."""
+    exists = os.path.isfile(ckpt_path)
+    if os.path.lexists(ckpt_path) and not exists:
+        raise UserError(f"{ckpt_path} is not a file; a run keeps its checkpoint there")
+    if exists and not cfg.get("resume"):
+        raise UserError(f"{cfg['out']} already holds a run ({ckpt_path}); continue it with --resume, or "
+                        f"choose another --out")
+    if cfg.get("resume") and not exists:
+        raise UserError(f"--resume: there is no checkpoint {ckpt_path} to continue")
+    trained = cfg.pop("resume_of", None)
+    if trained is None:
+        return {}
+    allowed = RESUMABLE | set(resumable)
+    changed = sorted(k for k in set(cfg) | set(trained) if k not in allowed and cfg.get(k) != trained.get(k))
+    if changed:
+        parts = ", ".join(f"--{k.replace('_', '-')} {trained.get(k)} -> {cfg.get(k)}" for k in changed[:4])
+        raise UserError(f"--resume continues the run in {cfg['out']}, which was started with other settings "
+                        f"({parts}); drop those flags, or start a new run with another --out")
+    return {k: (trained.get(k), cfg.get(k)) for k in sorted(allowed - {"resume"}) if trained.get(k) != cfg.get(k)}
+
+
+class RunLock:
+    """One live process writes a run folder at a time. The writer holds an exclusive flock on OUT/.lock, which
+    the kernel drops when the process ends, however it ends (kill -9, a lost node): a job scheduled twice is
+    refused while the first lives and takes over once it has died, and a stale file never blocks anything.
+    The file holds the holder's pid and host, for the one line that refuses a second writer; it stays in OUT,
+    emptied, after a release. Under torchrun rank 0 alone holds the lock and tells the other ranks what it
+    found, so `check` and `acquire` are collectives. A file system without flock gets a warning, no lock; NFS
+    clients emulate flock with whole-file fcntl locks (https://man7.org/linux/man-pages/man2/flock.2.html)."""
+
+    def __init__(self, folder, dist_info, hint=""):
+        self.folder, self.path, self.dist, self.hint = folder, os.path.join(folder, ".lock"), dist_info, hint
+        self.file, self.held = None, False
+
+    def check(self):
+        """Refuse (on every rank) if a live process holds the lock. Creates nothing."""
+        self._refuse_if(self._holder() if self.dist.is_main else None)
+
+    def acquire(self):
+        """Take the lock, creating the folder, or refuse as `check` does; nothing to do if held already."""
+        if not self.held:
+            self._refuse_if(self._take() if self.dist.is_main else None)
+            self.held = True
+            _LOCKS.add(self)
+
+    def release(self):
+        if self.file is not None:
+            self.file.truncate(0)
+            self.file.close()                                       # closing the file drops the lock
+            self.file = None
+        self.held = False
+        _LOCKS.discard(self)
+
+    def _holder(self):
+        """Why this process may not write the folder (a live holder, named), or None. Probes with a shared lock,
+        dropped at once."""
+        try:
+            with open(self.path, "rb") as f:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            with open(self.path, "rb") as f:
+                holder = f.read().decode(errors="replace").strip() or "a process that is starting"
+            return (f"{self.folder} is in use by {holder}, which holds {self.path} (one process writes a run folder "
+                    f"at a time); wait for it to end, or stop it and continue with --resume" + self.hint)
+        except OSError:                                             # no lock file yet, or no locks here
+            pass
+        return None
+
+    def _take(self):
+        """Rank 0: take the lock and write who holds it; None, or why the lock cannot be had."""
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+            f = open(self.path, "a+b")                              # not truncated before it is ours
+        except OSError as e:
+            return f"cannot create the lock {self.path} ({e.strerror or e})"
+        for _ in range(20):                                         # another start may probe it this moment
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                time.sleep(0.05)
+            except OSError as e:
+                print0(f"warning: {self.path} cannot be locked on this file system ({e.strerror}); nothing "
+                       f"stops a second process from writing {self.folder}")
+                f.close()
+                return None
+        else:
+            f.close()
+            return self._holder() or f"{self.folder} is in use by another process; wait for it to end"
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on host {socket.gethostname()}\n".encode())
+        f.flush()
+        self.file = f
+        return None
+
+    def _refuse_if(self, refusal):
+        if self.dist.ddp:
+            box = [refusal]
+            tdist.broadcast_object_list(box, src=0)
+            refusal = box[0]
+        if refusal:
+            raise UserError(refusal)
+
+
+_LOCKS = set()                          # run folders this process holds (released however its run ends)
+
+
 class Run:
     """Bookkeeping around a method's training loop: devices and seeds, the run folder, the guarded optimizer
     update (gradient accumulation, non-finite skipping and rollback), logging, checkpoints with every RNG
@@ -1882,19 +2177,22 @@ class Run:
         self._threads_before = torch.get_num_threads()
         if cfg.get("threads"):
             torch.set_num_threads(cfg["threads"])
-        world = self.dist.world_size
-        if cfg["batch_size"] % world:
+        world, training = self.dist.world_size, not cfg.get("sample_only")     # sampling: --fid-batch batches
+        if training and cfg["batch_size"] % world:
             raise UserError(f"global batch {cfg['batch_size']} is not divisible by the world size {world}")
-        self.batch_per_rank = cfg["batch_size"] // world
+        self.batch_per_rank = max(cfg["batch_size"] // world, 1)
         self.batch_gpu = min(cfg.get("batch_gpu") or self.batch_per_rank, self.batch_per_rank)   # at most the share
-        if self.batch_per_rank % self.batch_gpu:
+        if training and self.batch_per_rank % self.batch_gpu:
             raise UserError(f"--batch-gpu {self.batch_gpu} does not divide the per-process batch {self.batch_per_rank} "
                             f"(--batch-size {cfg['batch_size']} over {world} processes)")
-        self.out = cfg["out"]
+        self.out, self.resumed_changes = cfg["out"], {}
         self.is_main = self.dist.is_main
         self.ckpt_path = os.path.join(self.out, "ckpt.pt")
-        if not cfg.get("sample_only"):
-            self._check_folder(resumable)
+        self.lock = RunLock(self.out, self.dist, "; --sample-only can write elsewhere with --out DIR"
+                            if cfg.get("sample_only") else "")
+        self.lock.check()
+        if training:
+            self.resumed_changes = check_run_folder(cfg, self.ckpt_path, resumable)
         if data is not None:
             check_late_needs(cfg, data, self.dist)
         seed_everything(cfg["seed"], self.dist)
@@ -1908,41 +2206,19 @@ class Run:
         self._bar = None
         self.logger = JSONLLogger(os.path.join(self.out, "log.jsonl"), self.is_main)
 
-    def _check_folder(self, resumable):
-        """OUT must not be a file; a checkpoint there is continued only with --resume, and a resumed run may
-        change only what RESUMABLE (and the method's `resumable`) allows."""
-        cfg = self.cfg
-        exists = os.path.isfile(self.ckpt_path)
-        if exists and not cfg.get("resume"):
-            raise UserError(f"{self.out} already holds a run ({self.ckpt_path}); continue it with --resume, or "
-                            f"choose another --out")
-        if cfg.get("resume") and not exists:
-            raise UserError(f"--resume: there is no checkpoint {self.ckpt_path} to continue")
-        trained = cfg.pop("resume_of", None)
-        if trained is None:
-            return
-        allowed = RESUMABLE | set(resumable)
-        changed = sorted(k for k in set(cfg) | set(trained) if k not in allowed and cfg.get(k) != trained.get(k))
-        if changed:
-            parts = ", ".join(f"--{k.replace('_', '-')} {trained.get(k)} -> {cfg.get(k)}" for k in changed[:4])
-            raise UserError(f"--resume continues the run in {self.out}, which was started with other settings "
-                            f"({parts}); drop those flags, or start a new run with another --out")
-        self.resumed_changes = {k: (trained.get(k), cfg.get(k)) for k in sorted(allowed - {"resume"})
-                                if trained.get(k) != cfg.get(k)}
-
     # -- start ---------------------------------------------------------------------------------
     def start(self, state, describe=""):
         """Before the first step: with --resume, restore OUT/ckpt.pt into `state`; then create OUT (removing
         temporary files that killed processes left), cut log.jsonl back to the restored step, write
         config.json, print what runs where, and catch the stop signals. Returns the first step."""
+        self.lock.acquire()
         start = self.restore(state) if self.cfg.get("resume") else 0
         if self.is_main:
             os.makedirs(os.path.join(self.out, "samples"), exist_ok=True)
             for folder in (self.out, os.path.join(self.out, "samples")):
                 remove_temporaries(folder)
-            self._cut_log(start)
-            with open(os.path.join(self.out, "config.json"), "w") as f:
-                json.dump(self.cfg, f, indent=1, sort_keys=True)
+            self.logger.cut(start)
+            write_json(os.path.join(self.out, "config.json"), self.cfg)
         self._announce(state, describe, start)
         return start
 
@@ -1961,20 +2237,8 @@ class Run:
                f"parameters), batch {self.cfg['batch_size']}{accumulation}, {self.cfg['steps']} steps, {device}; "
                f"writing to {self.out}" + (f"; resumed at step {start}" if start else ""))
         print0("config: " + json.dumps(self.cfg, sort_keys=True))
-        for k, (old, new) in getattr(self, "resumed_changes", {}).items():
+        for k, (old, new) in self.resumed_changes.items():
             print0(f"--resume: {k} {old} -> {new}")
-
-    def _cut_log(self, step):
-        """log.jsonl holds each step once: records past the step a run resumes from are dropped."""
-        path = os.path.join(self.out, "log.jsonl")
-        if not os.path.isfile(path):
-            return
-        with open(path) as f:
-            keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = path + f".tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-        os.replace(tmp, path)
 
     def precision(self):
         """The run's precision around a method's loss (and DE-CM's target passes before it): --bf16 and
@@ -2191,13 +2455,7 @@ class Run:
         """Load OUT/ckpt.pt into `objects` and the RNG streams (--resume); returns the start step."""
         ckpt = load_checkpoint(self.ckpt_path, self.cfg["method"])
         for name, obj in objects.items():
-            if name not in ckpt:
-                raise UserError(f"{self.ckpt_path} has no {name!r} state (written with other options?)")
-            try:
-                obj.load_state_dict(ckpt[name])
-            except (RuntimeError, ValueError, KeyError) as e:
-                raise UserError(f"{self.ckpt_path}: its {name!r} state does not fit this run "
-                                f"({str(e).splitlines()[0][:120]})") from None
+            load_state(obj, ckpt, name, self.ckpt_path)
             if isinstance(obj, torch.optim.Optimizer):            # a changed --lr applies from here on
                 for group in obj.param_groups:
                     group["lr"] = self.cfg["lr"]
@@ -2338,8 +2596,10 @@ class Run:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        self.lock.acquire()                                         # --sample-only writes OUT from here on
         self.save_samples(tag, sample, data)
         self.evaluate(sample, data)
+        self.lock.release()
         torch.set_num_threads(self._threads_before)
         if close:
             self.close()
@@ -2350,23 +2610,30 @@ class Run:
         Images: uint8 NHWC under arr_0 (labels, if any, under `labels`), one PNG per sample in DIR; toy sets:
         float32 points under arr_0. With one sampler and one NFE the file is OUT.npz itself; otherwise
         OUT-<sampler>-nfe<k>.npz (and DIR/<sampler>-nfe<k>/) for each."""
-        cfg = self.cfg
-        pairs = [(name, k) for name, (_, nfes) in samplers.items() for k in nfes]
-        for name, k in pairs:
-            tag = f"{name or 'default'}-nfe{k}"
-            drawn = self.draw(samplers[name][0], data, cfg["n"], k, salt=20_000 + k,
+        cfg, jobs = self.cfg, []
+        one = sum(len(nfes) for _, nfes in samplers.values()) == 1
+        for name, (sample_fn, nfes) in samplers.items():           # every file's path is checked before work
+            for k in nfes:
+                tag = f"{name or 'default'}-nfe{k}"
+                npz = cfg["npz"] and (cfg["npz"] if one else f"{cfg['npz'][:-4]}-{tag}.npz")
+                png = cfg["png_dir"] and (cfg["png_dir"] if one else os.path.join(cfg["png_dir"], tag))
+                if npz:
+                    check_output("--npz", npz, folder=False)
+                if png:
+                    check_output("--png-dir", png)
+                jobs.append((name, sample_fn, k, npz, png))
+        for name, sample_fn, k, npz, png in jobs:
+            drawn = self.draw(sample_fn, data, cfg["n"], k, salt=20_000 + k,
                               desc=f"sampling {cfg['n']} ({name or 'default'} sampler, {k} NFE)")
             if drawn is None:
                 continue
             x, labels = drawn
-            if cfg["npz"]:
-                path = cfg["npz"] if len(pairs) == 1 else f"{cfg['npz'][:-4]}-{tag}.npz"
-                save_npz(path, x, labels)
-                print0(f"wrote {path}: arr_0 {x.dtype} {list(x.shape)}, sampler {name or 'default'}, {k} NFE")
-            if cfg["png_dir"]:
-                folder = cfg["png_dir"] if len(pairs) == 1 else os.path.join(cfg["png_dir"], tag)
-                save_pngs(x, folder)
-                print0(f"wrote {len(x)} PNG files to {folder}")
+            if npz:
+                save_npz(npz, x, labels)
+                print0(f"wrote {npz}: arr_0 {x.dtype} {list(x.shape)}, sampler {name or 'default'}, {k} NFE")
+            if png:
+                save_pngs(x, png)
+                print0(f"wrote {len(x)} PNG files to {png}")
 
     def save_samples(self, tag, samplers, data):
         """Grids (scatter plots for toy data) per sampler and NFE: samples/{tag}[_{name}]_nfe{k}.png.
@@ -2421,9 +2688,7 @@ class Run:
                 result["fid" + suffix] = {str(k): self.fid(sample_fn, data, k, name) for k in nfes}
         if self.is_main and result:
             path = os.path.join(self.out, "eval.json")
-            previous = json.load(open(path)) if os.path.isfile(path) else {}
-            with open(path, "w") as f:
-                json.dump({**previous, **result}, f, indent=1)
+            write_json(path, {**read_json(path), **result})
             print0("eval:", json.dumps({k: v for k, v in result.items() if not k.startswith("class_share")}))
         return result
 
@@ -2569,11 +2834,16 @@ def _main(argv=None):
     e.add_argument("--shard-size", type=int, default=16384)
     e.add_argument("--mode", choices=["sample", "mean"], default="sample", help="posterior sample or mean")
     args = p.parse_args(argv)
-    if getattr(args, "batch_size", 1) < 1:
-        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_numbers(sub.choices[args.cmd], vars(args))                 # every output and value before any work
+    for flag, value, low in (("--batch-size", getattr(args, "batch_size", 1), 1),
+                             ("--shard-size", getattr(args, "shard_size", 1), 1),
+                             ("--image-size", getattr(args, "image_size", 8), 8)):
+        if value < low:
+            raise UserError(f"{flag} must be >= {low}, got {value}")
     if args.cmd == "fid-ref" and args.images:
         if not args.out or not args.out.endswith(".npz"):
             raise UserError("fid-ref IMAGES needs --out STATS.npz")
+        check_output("--out", args.out, folder=False)
         mu, sigma = stats_of(args.images, args.fid_weights, args.batch_size)
         tmp = args.out + f".tmp{os.getpid()}.npz"
         np.savez(tmp, mu=mu, sigma=sigma)
@@ -2581,6 +2851,8 @@ def _main(argv=None):
         print(f"wrote {args.out} ({mu.shape[0]}-d statistics of {args.images})")
     elif args.cmd == "fid-ref":
         path = reference_stats_path(args.dataset, args.data_path)
+        check_output("--data-path", args.data_path)
+        check_output("--data-path", path, folder=False)
         if os.path.isfile(path):
             os.remove(path)                                          # recompute on request
         mu, _ = fid_reference(args.dataset, args.data_path, weights=args.fid_weights, batch_size=args.batch_size)
@@ -2592,6 +2864,10 @@ def _main(argv=None):
         mu, sigma = stats_of(args.images, args.fid_weights, args.batch_size)
         print(f"FID of {args.images} against {args.ref}: {frechet_distance(mu, sigma, *ref):.4f}")
     else:
+        if args.image_size % 8 or not args.scale_factor > 0:
+            raise UserError(f"--image-size must be a multiple of 8 (the VAE downsamples by 8) and --scale-factor "
+                            f"> 0, got {args.image_size} and {args.scale_factor}")
+        check_output("--out", args.out)
         n = encode_latents(args.images, args.out, args.vae, args.image_size, args.batch_size, args.scale_factor,
                            args.shard_size, args.mode)
         print(f"wrote {n} latents to {args.out}")

@@ -542,7 +542,7 @@ def sample_only(cfg):
     run = common.Run(cfg, data=data)
     ckpt = common.load_checkpoint(cfg["ckpt"], "decm")
     net = build_net(cfg, data, cfg["role"])
-    net.load_state_dict(ckpt["ema"])
+    common.load_state(net, ckpt, "ema", cfg["ckpt"])
     sample = samplers(net.to(run.device).eval(), cfg, data, run.device)
     run.export(sample, data)
     run.finish("sample", sample, data)
@@ -661,7 +661,7 @@ def parse_config(argv=None):
 
     def resolve(args):
         given = {k: v for k, v in vars(args).items() if v is not None}
-        cfg = common.resolve_config(args, "decm", DEFAULTS, PRESETS)
+        cfg = common.resolve_config(args, "decm", DEFAULTS, PRESETS, RESUMABLE)
         if not cfg["sample_only"]:
             cfg["losses"] = parse_losses(cfg["losses"])
             cfg["role"] = "teacher" if cfg["losses"] == ["fm"] and not cfg["teacher"] else "student"
@@ -694,7 +694,7 @@ RESUMABLE = {"samplers", "mix_split"}   # what --resume may change besides commo
 
 def check_config(cfg):
     """DE-CM's own flags: one line for the first that is out of range."""
-    checks = [(cfg["eta"] == "auto" or cfg["eta"] > 0, f"--eta must be > 0, got {cfg['eta']}"),
+    checks = [(cfg["eta"] == "auto" or 0 < cfg["eta"] < math.inf, f"--eta must be > 0 and finite, got {cfg['eta']}"),
               (cfg["freq"] >= 1, f"--freq must be >= 1, got {cfg['freq']}"),
               (0 <= cfg["r_max"] < 1, f"--r-max must lie in [0, 1), got {cfg['r_max']}"),
               (cfg["segments"] >= 1, f"--segments must be >= 1, got {cfg['segments']}"),
@@ -705,6 +705,8 @@ def check_config(cfg):
                f"--lam and --gamma must be >= 0, not both 0, got {cfg['lam']}, {cfg['gamma']}"),
               (cfg["adaptive_c"] > 0 and cfg["adaptive_p"] >= 0, "--adaptive-c must be > 0 and --adaptive-p >= 0"),
               (cfg["w_cfg"] >= 1, f"--w-cfg must be >= 1, got {cfg['w_cfg']}"),
+              (cfg["fm_cos"] >= 0, f"--fm-cos must be >= 0, got {cfg['fm_cos']}"),
+              (cfg["weight_decay"] >= 0, f"--weight-decay must be >= 0, got {cfg['weight_decay']}"),
               (cfg["time_scale"] > 0, f"--time-scale must be > 0, got {cfg['time_scale']}"),
               (0 <= cfg["class_dropout"] < 1, f"--class-dropout must lie in [0, 1), got {cfg['class_dropout']}"),
               (cfg["w_cfg"] == 1.0 or cfg["class_cond"], "--w-cfg needs a class-conditional model (--class-cond)")]

@@ -229,8 +229,8 @@ def sample_only(cfg):
     run = common.Run(cfg, data=data)
     ckpt = common.load_checkpoint(cfg["ckpt"], "direct")
     v_net, w_net = build_models(cfg, data)
-    v_net.load_state_dict(ckpt["ema_v"])
-    w_net.load_state_dict(ckpt["ema_w"])
+    common.load_state(v_net, ckpt, "ema_v", cfg["ckpt"])
+    common.load_state(w_net, ckpt, "ema_w", cfg["ckpt"])
     v_net, w_net = v_net.to(run.device).eval(), w_net.to(run.device).eval()
     sample = samplers(v_net, w_net, cfg, data, run.device)
     run.export(sample, data)
@@ -281,7 +281,7 @@ def parse_config(argv=None):
     a("--euler-steps", type=int, nargs="+", help="steps of the v_theta Euler baseline to evaluate (Table 1: 128 4 1)")
 
     def resolve(args):
-        cfg = common.resolve_config(args, "direct", DEFAULTS, PRESETS)
+        cfg = common.resolve_config(args, "direct", DEFAULTS, PRESETS, RESUMABLE)
         if cfg["sample_only"] and args.euler_steps is None:
             cfg["euler_steps"] = []               # sampling: the v_theta baseline only when asked for
         if min(cfg["euler_steps"], default=1) < 1:

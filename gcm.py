@@ -404,7 +404,7 @@ def sample_only(cfg):
     data = common.load_dataset(cfg["dataset"], cfg["data_path"], cfg["vae"])
     run = common.Run(cfg, data=data)
     net = build_model(cfg, data)
-    net.load_state_dict(common.load_checkpoint(cfg["ckpt"], "gcm")["ema"])
+    common.load_state(net, common.load_checkpoint(cfg["ckpt"], "gcm"), "ema", cfg["ckpt"])
     sample = samplers(net.to(run.device).eval(), cfg, data, run.device)
     run.export(sample, data)
     run.finish("sample", sample, data)
@@ -486,7 +486,7 @@ def parse_config(argv=None):
     a("--diag-mean", type=float, help="logit-normal mean of t when s = t (App. G.2: -0.4)")
     a("--diag-std", type=float, help="logit-normal std of t when s = t (App. G.2: 1.0)")
     a("--mmd-group", type=int, help="m, samples per MMD group, Eq. (46); 1 = the l2 loss, Eq. (39) (CU 4, VU 2)")
-    a("--mmd-sigma", type=float, help="sigma of the time-aware kernel, Eq. (44) (CU 0.05, VU 0.1; inf = no time factor)")
+    a("--mmd-sigma", type=common.float_or_inf, help="sigma of the time-aware kernel, Eq. (44) (CU 0.05, VU 0.1; inf = no time factor)")
     a("--mmd-time-factor", choices=["pair", "particle"],
       help="time factor of the MMD kernel: pair = Eq. (46) as printed, one factor per pair (default; zero at the "
            "exact map); particle = Eq. (44) with each compared particle's own times")
@@ -503,13 +503,13 @@ def parse_config(argv=None):
         variant = args.variant or ("vu" if args.imagenet_latents or args.dataset == "imagenet-latents" else "cu")
         presets = {"cifar10": PRESETS[f"cifar10-{variant}"], "imagenet-latents": PRESETS["imagenet-latents"],
                    "digits": PRESETS["digits"], "toy": PRESETS["toy"]}
-        cfg = common.resolve_config(args, "gcm", DEFAULTS, presets)
+        cfg = common.resolve_config(args, "gcm", DEFAULTS, presets, RESUMABLE)
         for k, v in VARIANT_DEFAULTS[cfg["variant"]].items():
             if cfg[k] is None:
                 cfg[k] = v
-        if cfg["dist_a"] is None:
-            shapes = {"sine": (1.0, 0.01), "cosh": (1.5, 0.0), "uniform": (0.0, 0.0)}       # Eqs. (15)/(16)
-            cfg["dist_a"], cfg["dist_b"] = shapes[cfg["t_dist"]]
+        shape = {"sine": (1.0, 0.01), "cosh": (1.5, 0.0), "uniform": (0.0, 0.0)}[cfg["t_dist"]]   # Eqs. (15)/(16)
+        for key, value in zip(("dist_a", "dist_b"), shape):     # each one not given takes its default
+            cfg[key] = value if cfg[key] is None else cfg[key]
         if cfg["eps"] is None:
             cfg["eps"] = 0.005 if cfg["h"] == "exp" else matched_eps(cfg["h"], cfg["mu"])
         check_config(cfg)
@@ -527,6 +527,13 @@ def check_config(cfg):
     for name in ("eps", "mu", "sigma_d", "nu", "mmd_sigma", "curriculum_eps0", "curriculum_every", "time_scale"):
         if not cfg[name] > 0:
             raise fail(f"--{name.replace('_', '-')} must be positive, got {cfg[name]}")
+    if not cfg["diag_std"] > 0:
+        raise fail(f"--diag-std must be positive, got {cfg['diag_std']}")
+    if not all(0 <= b < 1 for b in cfg["betas"]):
+        raise fail(f"--betas must lie in [0, 1), got {cfg['betas']}")
+    if cfg["t_dist"] == "sine" and not (0 <= cfg["dist_a"] <= 2 and 0 <= cfg["dist_b"] <= 2):
+        raise fail(f"--dist-a and --dist-b of the sine density must lie in [0, 2], where sin(pi (a u + b (1 - u)) / 2) "
+                   f">= 0 (Eq. 15), got {cfg['dist_a']}, {cfg['dist_b']}")
     if cfg["gamma"] < 0 or cfg["lam"] < 0:
         raise fail(f"--gamma and --lam of the Gamma weight must be >= 0, got {cfg['gamma']}, {cfg['lam']}")
     if not (0 <= cfg["dropout"] < 1 and 0 <= cfg["class_dropout"] < 1):

@@ -363,8 +363,10 @@ def init_from(net, icfg, state, cfg):
 def train(cfg):
     data = common.load_dataset(cfg["dataset"], cfg["data_path"], cfg["vae"])
     cfg["data_shape"] = list(data.shape)                       # saved with the run: --teacher/--init check it
-    # read (and check) the pretrained checkpoints before anything is written
-    pretrained = {role: load_pretrained(cfg[role], cfg, data, role) for role in ("teacher", "init") if cfg[role]}
+    # read (and check) the pretrained checkpoints before anything is written; a resumed run takes its weights
+    # from its own checkpoint, so its --init file is not needed any more (it may have moved or gone)
+    roles = ("teacher",) if cfg["resume"] else ("teacher", "init")
+    pretrained = {role: load_pretrained(cfg[role], cfg, data, role) for role in roles if cfg[role]}
     if "teacher" in pretrained and guided(cfg):
         tcfg = pretrained["teacher"][0]
         if not (tcfg["class_cond"] and tcfg["class_dropout"] > 0):
@@ -415,7 +417,7 @@ def sample_only(cfg):
     run = common.Run(cfg, data=data)
     ckpt = common.load_checkpoint(cfg["ckpt"], "scm")
     net = build_net(cfg, data)
-    net.load_state_dict(ckpt["ema"])
+    common.load_state(net, ckpt, "ema", cfg["ckpt"])
     sample = samplers(net.to(run.device).eval(), cfg, data, run.device)
     run.export(sample, data)
     run.finish("sample", sample, data)
@@ -519,7 +521,7 @@ def parse_config(argv=None):
 
     def resolve(args):
         mode = args.mode or DEFAULTS["mode"]
-        cfg = common.resolve_config(args, "scm", DEFAULTS, {k: v[mode] for k, v in PRESETS.items()})
+        cfg = common.resolve_config(args, "scm", DEFAULTS, {k: v[mode] for k, v in PRESETS.items()}, RESUMABLE)
         check_config(cfg)
         return cfg
     return common.parse(p, argv, resolve)

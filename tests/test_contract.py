@@ -7,7 +7,9 @@ import json
 import os
 import pickle
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,7 +25,7 @@ import gcm
 import scm
 from conftest import ROOT, assert_states_equal, cpu_env, free_port, load_state, run_cli, write_cifar_fixture
 
-MAINS = {"direct": direct.main, "gcm": gcm.main, "scm": scm.main, "decm": decm.main}
+MAINS = {"direct": direct.main, "gcm": gcm.main, "scm": scm.main, "decm": decm.main, "common": common._main}
 TOY = ["--dataset", "moons", "--eval-samples", "64", "--log-every", "10"]
 
 
@@ -41,6 +43,18 @@ def bad_files(tmp_path_factory):
     cfg = direct.parse_config(["--dataset", "moons", "--out", str(run)])
     common.save_checkpoint(str(run / "ckpt.pt"), {"cfg": cfg, "step": 3})
     files["run"] = run
+    cond = root / "cond.pt"                                   # a class-conditional one (moons: classes 0, 1)
+    common.save_checkpoint(str(cond), {"cfg": direct.parse_config(["--dataset", "moons", "--class-cond", "--out",
+                                                                   str(root / "c")]), "step": 3})
+    files["cond"] = cond
+    files["dir_npz"] = root / "folder.npz"
+    files["dir_npz"].mkdir()
+    files["no_classes"] = root / "images"                      # an image folder without class sub-folders
+    files["no_classes"].mkdir()
+    files["misfit"] = root / "misfit.pt"                       # weights of another shape
+    common.save_checkpoint(str(files["misfit"]), {"cfg": cfg, "step": 3, "ema_v": {"net.0.weight": torch.zeros(3)}})
+    files["ckpt_dir"] = root / "ckpt_dir"                      # a run folder whose ckpt.pt is a folder
+    (files["ckpt_dir"] / "ckpt.pt").mkdir(parents=True)
     scm_cfg = scm.parse_config(["--dataset", "moons", "--out", str(root / "s")])
     common.save_checkpoint(str(root / "sct.pt"), {"cfg": scm_cfg, "step": 1})
     files["sct"] = root / "sct.pt"
@@ -154,6 +168,60 @@ def bad_inputs(f):
         ("gcm", ["--dataset", "cifar10", "--data-path", str(f["cifar_ok"]), "--model", "DiT-T/2", "--fid", "100",
                  "--fid-weights", str(f["fid_weights"]), "--fid-ref", str(f["run"] / "none.npz")],
          "FID reference statistics not found"),
+        # cluster events: output paths and every flag's domain, before any work, at every entry point
+        ("direct", ["--out", "/proc/run"], "--out /proc/run cannot be written"),
+        ("direct", ["--out", str(f["file"] / "sub")], "lies under"),
+        ("direct", ["--out", str(f["file"].parent / ("x" * 300))], "is too long"),
+        ("direct", ["--sample-only", "--ckpt", str(f["run"] / "ckpt.pt"), "--n", "-1"], "--n must be >= 1"),
+        ("direct", ["--sample-only", "--ckpt", str(f["run"] / "ckpt.pt"), "--npz", str(f["dir_npz"])],
+         "is a folder; it takes a file name"),
+        ("direct", ["--sample-only", "--ckpt", str(f["run"] / "ckpt.pt"), "--npz", "/proc/x.npz"], "cannot be written"),
+        ("direct", ["--sample-only", "--ckpt", str(f["run"] / "ckpt.pt"), "--npz", str(f["file"] / "x.npz")],
+         "lies under"),
+        ("direct", ["--sample-only", "--ckpt", str(f["run"] / "ckpt.pt"), "--png-dir", str(f["file"])],
+         "--png-dir " + str(f["file"]) + " is a file"),
+        ("direct", ["--sample-only", "--ckpt", str(f["run"] / "ckpt.pt"), "--class", "1"], "unconditional"),
+        ("direct", ["--sample-only", "--ckpt", str(f["cond"]), "--class", "0", "2"], "--class 2: the classes of moons"),
+        ("direct", ["--sample-only", "--ckpt", str(f["cond"]), "--class", "-1"], "--class -1"),
+        ("direct", ["--class-cond", "--class", "5"], "--class 5: the classes of moons are 0 .. 1"),
+        ("direct", ["--sample-only", "--ckpt", str(f["run"] / "ckpt.pt"), "--model", "DiT-S/2"], "drop --model"),
+        ("direct", ["--sample-only", "--ckpt", str(f["run"] / "ckpt.pt"), "--lr", "0.1"], "drop --lr 0.1"),
+        ("direct", ["--sample-only", "--ckpt", str(f["run"] / "ckpt.pt"), "--resume"], "drop --resume"),
+        ("direct", ["--sample-only", "--ckpt", str(f["run"] / "ckpt.pt"), "--seed", "-2"], "--seed must be >= 0"),
+        ("direct", ["--sample-only", "--ckpt", str(f["run"] / "ckpt.pt"), "--device", "cuda"], "no CUDA device"),
+        ("direct", ["--ckpt", str(f["run"] / "ckpt.pt")], "--ckpt is read by --sample-only"),
+        ("direct", ["--sample-only", "--ckpt", str(f["run"] / "ckpt.pt")], "has no 'ema_v' state"),
+        ("direct", ["--sample-only", "--ckpt", str(f["misfit"])], "its 'ema_v' state does not fit"),
+        ("direct", ["--out", str(f["ckpt_dir"])], "ckpt.pt is not a file"),
+        ("direct", ["--keep", "2"], "give --snapshot-every"),
+        ("direct", ["--ema-halflife-kimg", "-1"], "--ema-halflife-kimg must be a finite number > 0"),
+        ("direct", ["--ema-halflife-kimg", "inf"], "--ema-halflife-kimg must be a finite number > 0"),
+        ("direct", ["--dataset", "digits", "--data-path", str(f["file"])], "--data-path " + str(f["file"]) + " is a file"),
+        ("direct", ["--data-path", str(f["cifar_ok"])], "--data-path does nothing for --dataset moons"),
+        ("direct", ["--fid", "10"], "--fid does nothing for --dataset moons"),
+        ("direct", ["--vae", "x"], "--vae does nothing"),
+        ("direct", ["--xflip"], "--xflip does nothing"),
+        ("direct", ["--seed", str(2 ** 32)], "--seed must lie in 0 .. 2^32 - 1"),
+        ("direct", ["--threads", "100000"], "--threads must lie in 1 .. "),
+        ("direct", ["--weight-decay", "nan"], "--weight-decay must be a finite number"),
+        ("scm", ["--P-mean", "inf"], "--P-mean must be a finite number"),
+        ("gcm", ["--mmd-sigma", "nan"], "--mmd-sigma must be"),
+        ("gcm", ["--dist-a", "3"], "--dist-a and --dist-b of the sine density must lie in [0, 2]"),
+        ("gcm", ["--betas", "1", "0.9"], "--betas must lie in [0, 1)"),
+        ("gcm", ["--diag-std", "0"], "--diag-std must be positive"),
+        ("decm", ["--eta", "inf"], "--eta must be > 0 and finite"),
+        ("decm", ["--fm-cos", "-1"], "--fm-cos must be >= 0"),
+        ("decm", ["--weight-decay", "-1"], "--weight-decay must be >= 0"),
+        ("common", ["fid-ref", str(f["cifar_ok"]), "--out", str(f["dir_npz"])], "is a folder; it takes a file name"),
+        ("common", ["fid-ref", str(f["cifar_ok"]), "--out", "/proc/stats.npz"], "cannot be written"),
+        ("common", ["fid-ref", "--data-path", str(f["file"])], "is a file, not a folder"),
+        ("common", ["fid", str(f["cifar_ok"]), "--ref", str(f["file"]), "--batch-size", "0"], "--batch-size must be >= 1"),
+        ("common", ["encode-latents", "--images", str(f["no_classes"]), "--out", str(f["file"])], "is a file, not a folder"),
+        ("common", ["encode-latents", "--images", str(f["no_classes"]), "--image-size", "12"], "a multiple of 8"),
+        ("common", ["encode-latents", "--images", str(f["no_classes"]), "--scale-factor", "inf"], "finite number"),
+        ("common", ["encode-latents", "--images", str(f["no_classes"]), "--shard-size", "0"], "--shard-size must be"),
+        ("common", ["encode-latents", "--images", str(f["no_classes"]), "--out", str(f["no_classes"] / "lat")],
+         "is not an ImageFolder"),
     ] + [(m, ["--dataset", ds, "--data-path", str(f[key]), "--model", "DiT-T/2"], msg) for m, ds, key, msg in (
         ("direct", "cifar10", "cifar_text", "is not a CIFAR-10 batch"),
         ("gcm", "cifar10", "cifar_shape", "must be a uint8 array of shape [n, 3072]"),
@@ -176,6 +244,8 @@ def test_bad_inputs_are_one_line_with_nothing_left(bad_files, tmp_path, capsys):
         args = (["--dataset", "moons"] if "--dataset" not in argv else []) + argv
         if "--out" not in args:
             args += ["--out", str(out)]
+        if method == "common":
+            args = argv
         code, err = run_cli(MAINS[method], args, capsys)
         if not (code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0]
                 and not out.exists()):
@@ -184,6 +254,49 @@ def test_bad_inputs_are_one_line_with_nothing_left(bad_files, tmp_path, capsys):
     assert not failures, "\n".join(failures)
     assert {str(p): sorted(os.listdir(p)) for p in (bad_files["run"],)} == before
     assert not (bad_files["cifar_evil"].parent / "pwned").exists()          # the pickle's payload never ran
+
+
+def parsers(monkeypatch):
+    """{method: the argparse parser its parse_config builds} (caught on its way into common.parse)."""
+    class Caught(Exception):
+        pass
+
+    def catch(parser, argv, resolve):
+        raise Caught(parser)
+    monkeypatch.setattr(common, "parse", catch)
+    found = {}
+    for name, module in (("direct", direct), ("scm", scm), ("gcm", gcm), ("decm", decm)):
+        with pytest.raises(Caught) as caught:
+            module.parse_config([])
+        found[name] = caught.value.args[0]
+    monkeypatch.undo()
+    return found
+
+
+def test_every_number_flag_has_its_domain_checked(tmp_path, monkeypatch, capsys):
+    """The class of problem behind the table above, for every flag of every method that takes a number: nan,
+    inf (where infinity means nothing) and -1 for the integers are one line naming the flag, exit 2, nothing
+    left behind."""
+    cases = []
+    for method, parser in parsers(monkeypatch).items():
+        for action in parser._actions:
+            if action.type not in (float, common.float_or_inf, int) or (method != "direct" and action.dest in
+                                                                           common.COMMON_DEFAULTS):
+                continue                                      # the shared flags once, with direct.py
+            values = {float: ["nan", "inf"], common.float_or_inf: ["nan"], int: ["-1"]}[action.type]
+            for v in values:
+                extra = ["0.5"] * (action.nargs - 1 if isinstance(action.nargs, int) else 0)
+                cases.append((method, action, [action.option_strings[0], v, *extra]))
+    assert len(cases) > 100
+    failures = []
+    for i, (method, action, argv) in enumerate(cases):
+        out = tmp_path / f"out-{i}"
+        code, err = run_cli(MAINS[method], ["--dataset", "moons", *argv, "--out", str(out)], capsys)
+        names = (action.option_strings[0], action.dest, action.option_strings[0].lstrip("-"))
+        if not (code == 2 and len(err) == 1 and err[0].startswith("error: ") and any(n in err[0] for n in names)
+                and not out.exists()):
+            failures.append(f"{method} {' '.join(argv)} -> exit {code}, {err[-3:]}, out left: {out.exists()}")
+    assert not failures, "\n".join(failures)
 
 
 def test_restricted_unpickler_refuses_code(tmp_path):
@@ -286,6 +399,25 @@ def test_signal_checkpoints_and_resumes_bit_identically(name, uninterrupted, tmp
     assert steps == sorted(set(steps)) and steps[-1] == 400                  # each step logged once
 
 
+def test_a_moved_run_resumes_bit_identically(uninterrupted, tmp_path):
+    """A run stopped by a signal, then moved (another cluster, a renamed experiment), continues from its new
+    path with --resume --out NEW exactly as the uninterrupted run; config.json records the new path."""
+    old, new = tmp_path / "old", tmp_path / "elsewhere" / "renamed"
+    proc = start_run(SIGNAL_RUN + ["--out", str(old)])
+    wait_for_log(old / "log.jsonl", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    new.parent.mkdir()
+    os.rename(old, new)
+    res = subprocess.run([sys.executable, *SIGNAL_RUN, "--out", str(new), "--resume"], cwd=ROOT,
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"--resume: out {old} -> {new}" in res.stdout
+    assert_states_equal(without_cfg(load_state(new / "ckpt.pt")), without_cfg(uninterrupted))
+    assert json.load(open(new / "config.json"))["out"] == str(new) and not old.exists()
+
+
 def ranks_output(proc):
     """What the ranks printed: the end of stdout, and stderr up to torchrun's own failure report (which starts
     when the agent signals or reaps a rank; its long traceback would otherwise hide where a rank died)."""
@@ -319,6 +451,48 @@ def test_sigterm_under_torchrun(tmp_path):
     assert_states_equal(without_cfg(load_state(out / "ckpt.pt")), without_cfg(full))
 
 
+def test_one_live_process_per_run_folder(tmp_path, capsys):
+    """A job scheduled twice: while the first process lives, a second one on its folder (a real process; two
+    ranks under torchrun; with or without --resume; --sample-only writing there) is refused in one line naming
+    the holder's pid and host, and writes nothing. --sample-only that writes elsewhere is not refused. Once the
+    first has died (kill -9: the kernel drops its lock), --resume takes over."""
+    out = tmp_path / "run"
+    run = ["direct.py", "--dataset", "moons", "--steps", "1000000", "--ckpt-every", "20", "--log-every", "20",
+           "--batch-size", "64", "--out", str(out)]
+    holder = start_run(run)
+    try:
+        t0 = time.time()
+        while not (out / "ckpt.pt").exists():
+            assert holder.poll() is None and time.time() - t0 < 120, holder.communicate()
+            time.sleep(0.05)
+        who = f"in use by pid {holder.pid} on host {socket.gethostname()}"
+        second = subprocess.run([sys.executable, *run, "--resume"], cwd=ROOT, capture_output=True, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        err = second.stderr.strip().splitlines()
+        assert second.returncode == 2 and len(err) == 1 and who in err[0], second.stderr[-2000:]
+        ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+                                "--master_addr=127.0.0.1", f"--master_port={free_port()}", *run, "--resume",
+                                "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                               env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT,
+                                    "CUDA_VISIBLE_DEVICES": ""})
+        refusals = [line for line in ranks.stderr.splitlines() if line.startswith("error: ")]
+        assert ranks.returncode != 0 and len(refusals) == 1 and who in refusals[0], ranks_output(ranks)
+        for argv in (run[1:], ["--sample-only", "--ckpt", str(out / "ckpt.pt")]):
+            code, err = run_cli(direct.main, argv, capsys)
+            assert code == 2 and len(err) == 1 and who in err[0], err
+        assert "--sample-only can write elsewhere with --out" in err[0]
+        direct.main(["--sample-only", "--ckpt", str(out / "ckpt.pt"), "--out", str(tmp_path / "s"), "--n", "8",
+                     "--eval-samples", "8"])
+        assert (tmp_path / "s" / "eval.json").exists() and holder.poll() is None
+    finally:
+        holder.kill()
+        holder.communicate()
+    assert f"pid {holder.pid} on host" in (out / ".lock").read_text()        # what the dead holder left
+    step = load_state(out / "ckpt.pt")["step"]
+    direct.main(run[1:] + ["--resume", "--steps", str(step + 5), "--eval-samples", "16"])
+    assert load_state(out / "ckpt.pt")["step"] == step + 5 and (out / ".lock").read_text() == ""
+
+
 # ----------------------------------------------------------------------------------------------
 # Folders: temporary files, log.jsonl, --resume's config check
 
@@ -336,6 +510,56 @@ def test_start_cleans_temporaries_and_cuts_the_log(tmp_path):
     assert not (out / f".ckpt.pt.tmp{dead}").exists() and not (out / "samples" / f"nfe1.npz.tmp{dead}.npz").exists()
     steps = [json.loads(line)["step"] for line in open(out / "log.jsonl")]
     assert steps == [10, 20, 30]
+
+
+def test_torn_records_never_block_resume(tmp_path, capsys):
+    """A process killed in the middle of an append leaves a torn last line in log.jsonl, a node that loses
+    power NUL bytes or garbage: --resume cuts the log back to the checkpoint's step, drops every line that is
+    not a whole record and says what it dropped in one line. A torn eval.json is written anew."""
+    out = tmp_path / "run"
+    args = TOY + ["--ckpt-every", "10", "--out", str(out)]
+    direct.main(args + ["--steps", "10"])
+    tails = [(b'{"step": 15, "kimg": 1.2, "lo', "1 unreadable line"),
+             (b"\x00" * 200, "1 unreadable line"),
+             (b'\xff\xfe garbage\n[1, 2]\n{"step": "x"}\n{"step": 99, "loss": 1.0}\n\x00\x00',
+              "1 record(s) past step 30 and 4 unreadable line")]
+    for i, (tail, dropped) in enumerate(tails):
+        with open(out / "log.jsonl", "ab") as f:
+            f.write(tail)
+        (out / "eval.json").write_bytes(b'{"swd": {"1": 0.0')
+        capsys.readouterr()
+        direct.main(args + ["--steps", str(20 + 10 * i), "--resume"])
+        printed = [line for line in capsys.readouterr().out.splitlines() if "log.jsonl" in line]
+        assert len(printed) == 1 and f"up to step {10 + 10 * i}; dropped {dropped}" in printed[0], printed
+        assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == list(range(10, 21 + 10 * i, 10))
+        assert set(json.load(open(out / "eval.json"))["swd"]) == {"1"}
+
+
+def test_moved_runs_read_their_own_files_from_the_new_path(tmp_path):
+    """decm.py's two-stage run keeps its teacher in OUT/teacher and records that path: a copy of the run
+    continues from its own teacher, exactly as the original continues in place. A resumed sCM run does not
+    read its --init file again (its checkpoint holds the weights), so that file may move or go."""
+    first = tmp_path / "first"
+    decm.main(["--dataset", "moons", "--teacher-steps", "4", "--steps", "4", "--batch-size", "32",
+               "--eval-samples", "16", "--nfe", "1", "--out", str(first)])
+    copy, hidden = tmp_path / "copy", tmp_path / "hidden"
+    shutil.copytree(first, copy)
+    first.rename(hidden)                          # the original is out of reach while the copy resumes
+    resume = ["--dataset", "moons", "--teacher-steps", "4", "--steps", "8", "--batch-size", "32",
+              "--eval-samples", "16", "--nfe", "1", "--resume"]
+    decm.main(resume + ["--out", str(copy)])
+    assert json.load(open(copy / "config.json"))["teacher"] == str(copy / "teacher" / "ckpt.pt")
+    hidden.rename(first)
+    decm.main(resume + ["--out", str(first)])
+    assert_states_equal(without_cfg(load_state(copy / "ckpt.pt")), without_cfg(load_state(first / "ckpt.pt")))
+    # sCM: a student started from --init resumes after the init file is gone
+    teacher, student = tmp_path / "t", tmp_path / "s"
+    small = ["--dataset", "moons", "--batch-size", "32", "--eval-samples", "16", "--nfe", "1"]
+    scm.main(small + ["--mode", "diffusion", "--steps", "2", "--out", str(teacher)])
+    scm.main(small + ["--init", str(teacher / "ckpt.pt"), "--steps", "2", "--out", str(student)])
+    shutil.rmtree(teacher)
+    scm.main(small + ["--init", str(teacher / "ckpt.pt"), "--steps", "4", "--out", str(student), "--resume"])
+    assert load_state(student / "ckpt.pt")["step"] == 4
 
 
 def test_resume_applies_a_new_lr_and_logs_it(tmp_path, capsys):

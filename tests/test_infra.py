@@ -203,6 +203,7 @@ def test_checkpoint_restore_and_nan_guard(tmp_path):
     ckpt = common.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"), "demo")
     assert ckpt["step"] == 5 and torch.equal(ckpt["model"]["weight"], good["weight"])
     run._release_signals()
+    run.lock.release()                                                  # as when its process ends
     run2 = tiny_run(tmp_path, resume=True)
     fresh = torch.nn.Linear(2, 2)
     assert run2.restore({"model": fresh}) == 5

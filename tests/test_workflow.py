@@ -45,6 +45,16 @@ def test_export_toy_points(toy_run, tmp_path):
         assert f["arr_0"].dtype == np.float32 and f["arr_0"].shape == (100, 2) and "labels" not in f
 
 
+def test_export_paths_are_checked_before_sampling(toy_run, tmp_path, capsys):
+    """With two samplers the files are OUT-<sampler>-nfe<k>.npz: one that is a folder is refused in one line
+    before any sample is drawn, and nothing is written."""
+    (tmp_path / "x-euler-nfe2.npz").mkdir()
+    code, err = run_cli(direct.main, ["--sample-only", "--ckpt", str(toy_run / "ckpt.pt"), "--euler-steps", "2",
+                                      "--npz", str(tmp_path / "x.npz"), "--out", str(tmp_path / "s")], capsys)
+    assert code == 2 and len(err) == 1 and "x-euler-nfe2.npz is a folder; it takes a file name" in err[0], err
+    assert sorted(os.listdir(tmp_path)) == ["x-euler-nfe2.npz"]
+
+
 def test_export_images_is_deterministic_and_world_size_free(digits_run, digits_data, tmp_path):
     """uint8 NHWC under arr_0, one file per NFE, labels saved; the same seed gives the same samples, another
     seed others; two processes under torchrun write exactly what one process writes."""
