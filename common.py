@@ -527,15 +527,16 @@ def _fast_targets(like):
     return _TARGETS.get() == "bf16" and torch.is_autocast_enabled(like.device.type)
 
 
-def target_precision(like):
+def target_precision(like, label="target pass"):
     """Context for target passes (see above): IEEE fp32 (autocast and TF32 off) under the exact policy; the
     surrounding bf16 autocast under the faster one. `like` is a tensor on the device in question. Widen what
-    such a pass returns to fp32 before subtracting or dividing it."""
-    if _fast_targets(like):
-        return contextlib.nullcontext()
+    such a pass returns to fp32 before subtracting or dividing it. A profiler sees the block as `label`
+    (tests/benchmark.py --profile)."""
     stack = contextlib.ExitStack()
-    stack.enter_context(torch.autocast(like.device.type, enabled=False))
-    stack.enter_context(ieee_fp32())
+    stack.enter_context(torch.profiler.record_function(label))
+    if not _fast_targets(like):
+        stack.enter_context(torch.autocast(like.device.type, enabled=False))
+        stack.enter_context(ieee_fp32())
     return stack
 
 
@@ -563,7 +564,7 @@ def jvp(fn, primals, tangents):
     unwrapped module (`unwrap`), not on DDP: the JVP contributes no parameter gradient, and the gradient pass
     goes through DDP. Inputs that are not differentiated (labels) are closed over by `fn`."""
     like = primals[0]
-    with torch.no_grad(), target_precision(like):
+    with torch.no_grad(), target_precision(like, "target pass: JVP"):
         if not _fast_targets(like):
             primals, tangents = tuple(map(wide, primals)), tuple(map(wide, tangents))
         out, tangent = torch.func.jvp(fn, tuple(primals), tuple(tangents))
@@ -2283,9 +2284,10 @@ class Run:
             share = len(micro[next(k for k, v in batch.items() if torch.is_tensor(v))]) / n
             sync = contextlib.nullcontext() if i == len(cuts) - 1 else self.no_sync()
             with sync:
-                with self.precision():
+                with self.precision(), torch.profiler.record_function("loss"):
                     losses = loss_fn(micro)
-                (losses["loss"] * share).backward()
+                with torch.profiler.record_function("backward"):
+                    (losses["loss"] * share).backward()
             for k, v in losses.items():
                 v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
                 totals[k] = totals.get(k, 0) + share * v.to(self.device)
@@ -2296,7 +2298,8 @@ class Run:
         self._lr = opt.param_groups[0]["lr"]
         if ok:
             self.guard.before_step(opt, params)
-            opt.step()
+            with torch.profiler.record_function("optimizer step"):
+                opt.step()
             peaks = torch.stack(torch._foreach_norm([p.detach() for p in params], float("inf")))  # max |p| each
             ok = self._all_agree(torch.isfinite(peaks).all().float())
             if not ok and not self.guard.undo(opt, params):   # the step itself overflowed and cannot be undone

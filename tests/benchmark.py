@@ -446,8 +446,8 @@ def digits_entry(entry, runs, steps, flags, data_path):
 
 
 def digits_entries(only):
-    """The entries --only selects (a substring of the name, or the exact name)."""
-    return [e for e in DIGITS if not only or e in only or any(o in e for o in only)]
+    """The entries --only selects: an entry's exact name selects it alone, anything else the names it is part of."""
+    return [e for e in DIGITS if not only or any(o == e or (o not in DIGITS and o in e) for o in only)]
 
 
 def digits_table(steps, only, tmp, flags=(), data_path=None, jobs=1, budget=None):
@@ -674,6 +674,53 @@ def measure(names, spec, repeats, warmup, run):
     return {n: out[n] for n in names if n in out}
 
 
+PASSES = {"target pass: JVP": "JVPs", "target pass": "other target passes", "backward": "backward",
+          "optimizer step": "optimizer step"}
+
+
+def profile_block(name, spec, run, repeats, warmup):
+    """Where `repeats` updates of `name` spend their time, by the record_function ranges common.py marks: the
+    JVPs, the other target passes, the backward, the optimizer step, and the rest (the gradient passes'
+    forwards, the loss algebra, the draws, the guard and the EMA), as shares of the whole: CPU time on the
+    CPU, kernel time on CUDA."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = run.device.type == "cuda"
+    free_memory(run)
+    step = STEPS[name](spec, run)
+    for _ in range(warmup):
+        step()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+        for _ in range(repeats):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    if cuda:
+        total = sum(e.self_device_time_total for e in events) / 1e6
+    else:
+        total = time.perf_counter() - t0
+    spent = {label: sum((e.device_time_total if cuda else e.cpu_time_total) for e in events if e.key == key) / 1e6
+             for key, label in PASSES.items()}
+    del step
+    free_memory(run)
+    shares = {label: s / total for label, s in spent.items()}
+    shares["gradient forwards and the rest"] = 1 - sum(shares.values())
+    return {"sec": total / repeats, "shares": shares}
+
+
+def profile_table(res):
+    labels = list(PASSES.values()) + ["gradient forwards and the rest"]
+    rows = ["| method / variant | sec / step (profiled) | " + " | ".join(labels) + " |",
+            "|---|---|" + "---|" * len(labels)]
+    for n, r in res.items():
+        if "skipped" in r:
+            rows.append(f"| {n} | skipped: {r['skipped']} |" + " |" * len(labels))
+        else:
+            rows.append(f"| {n} | {r['sec']:.4f} | " + " | ".join(f"{100 * r['shares'][k]:.0f}%" for k in labels) + " |")
+    return "\n".join(rows)
+
+
 def device_peak(run, bf16, override=None):
     """The device's dense peak TFLOP/s for the precision of the gradient passes, or None where unknown."""
     if override:
@@ -750,6 +797,8 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the gradient passes (--compile)")
     p.add_argument("--guard", default="light", choices=common.UpdateGuard.KINDS, help="the update guard (--guard)")
     p.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s (default: PEAK_TFLOPS by name)")
+    p.add_argument("--profile", action="store_true", help="table a as where each update spends its time (JVPs, "
+                   "other target passes, backward, optimizer, the rest) instead of the timed blocks")
     p.add_argument("--only", nargs="*", help="substrings of the step (and digits entry) names to run (the steps' "
                    "references always run)")
     p.add_argument("--json", help="also write the figures as JSON")
@@ -793,19 +842,33 @@ def main(argv=None):
             run = common.Run(cfg)
             torch.manual_seed(0)
             spec = SimpleNamespace(model=args.model, batch=args.batch, size=args.size, channels=args.channels)
-            res = measure(names, spec, args.repeats, args.warmup, run)
             cuda = run.device.type == "cuda"
             device = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
-            peak = device_peak(run, args.bf16, args.peak_tflops)
-            figures["step_cost"], figures["setting"]["device_name"], figures["setting"]["peak_tflops"] = res, device, peak
+            figures["setting"]["device_name"] = device
             policy = (f"bf16 autocast, target passes {'bf16' if args.target_precision == 'bf16' else 'IEEE fp32'}"
                       if args.bf16 else f"fp32{'' if args.no_tf32 or not cuda else ' with TF32'}, target passes "
                       f"IEEE fp32")
-            print(f"\nTraining-step cost: {args.model} at {args.size}x{args.size}x{args.channels}, batch {args.batch}, "
-                  f"{device}; {policy}{', compiled' if args.compile else ''}, guard {args.guard}; blocks of "
-                  f"{args.repeats} updates after {args.warmup} warm-up ones, median seconds, ratio to the reference's "
-                  f"blocks around it{f'; peak {peak:g} TFLOP/s' if peak else ''}\n")
-            print(step_table(res, peak))
+            setting = (f"{args.model} at {args.size}x{args.size}x{args.channels}, batch {args.batch}, {device}; {policy}"
+                       f"{', compiled' if args.compile else ''}, guard {args.guard}")
+            if args.profile:
+                res = {}
+                for n in names:
+                    try:
+                        res[n] = profile_block(n, spec, run, args.repeats, args.warmup)
+                    except Skip as e:
+                        res[n] = {"skipped": str(e)}
+                figures["profile"] = res
+                print(f"\nWhere an update's time goes: {setting}; {args.repeats} profiled updates after {args.warmup} "
+                      f"warm-up ones\n")
+                print(profile_table(res))
+            else:
+                res = measure(names, spec, args.repeats, args.warmup, run)
+                peak = device_peak(run, args.bf16, args.peak_tflops)
+                figures["step_cost"], figures["setting"]["peak_tflops"] = res, peak
+                print(f"\nTraining-step cost: {setting}; blocks of {args.repeats} updates after {args.warmup} warm-up "
+                      f"ones, median seconds, ratio to the reference's blocks around it"
+                      f"{f'; peak {peak:g} TFLOP/s' if peak else ''}\n")
+                print(step_table(res, peak))
         if "toy" not in args.skip:
             torch.manual_seed(0)
             rows, seconds = toy_table(args.toy_dataset, args.toy_steps, args.only, tmp, shlex.split(args.toy_flags))
