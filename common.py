@@ -527,17 +527,18 @@ def _fast_targets(like):
     return _TARGETS.get() == "bf16" and torch.is_autocast_enabled(like.device.type)
 
 
+@contextlib.contextmanager
 def target_precision(like, label="target pass"):
     """Context for target passes (see above): IEEE fp32 (autocast and TF32 off) under the exact policy; the
     surrounding bf16 autocast under the faster one. `like` is a tensor on the device in question. Widen what
     such a pass returns to fp32 before subtracting or dividing it. A profiler sees the block as `label`
     (tests/benchmark.py --profile)."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.profiler.record_function(label))
-    if not _fast_targets(like):
-        stack.enter_context(torch.autocast(like.device.type, enabled=False))
-        stack.enter_context(ieee_fp32())
-    return stack
+    with torch.profiler.record_function(label):
+        if _fast_targets(like):
+            yield
+        else:
+            with torch.autocast(like.device.type, enabled=False), ieee_fp32():
+                yield
 
 
 def reuse_for_target(like):
@@ -2020,7 +2021,7 @@ class UpdateGuard:
             return
         state = self._state(opt, params)
         tensors = [p.detach() for p in params] + state
-        if self.copies is None or len(self.copies) != len(tensors):
+        if self.copies is None or [c.shape for c in self.copies] != [t.shape for t in tensors]:
             self.copies = [torch.empty_like(t) for t in tensors]
         self.n_state = len(state)
         torch._foreach_copy_(self.copies, tensors)
@@ -2249,9 +2250,11 @@ class Run:
     def wrap(self, model):
         """A model that receives gradients, as its gradient passes call it: DDP-wrapped under torchrun, and with
         --compile compiled by torch.compile (over DDP, as PyTorch's DDP notes advise). The JVPs and the target
-        passes call the plain module (`unwrap`): a compiled module inside torch.func.jvp gives wrong tangents
-        (PyTorch 2.14), and Dynamo cannot trace dit.py's own forward-mode rules. Compiled dropout draws its masks
-        as eager PyTorch does (Inductor's fallback_random), so the eager target passes share them."""
+        passes call the plain module (`unwrap`), eagerly: the DiT's attention needs its own forward-mode rule
+        (the fused kernel has none), which Dynamo cannot trace, so a compiled torch.func.jvp breaks its graph at
+        every attention layer and runs eagerly anyway, as does a compiled module called inside torch.func.jvp
+        (PyTorch 2.14, measured). Compiled dropout draws its masks as eager PyTorch does (Inductor's
+        fallback_random), so the eager target passes share them."""
         model = model.to(self.device)
         if self.dist.ddp:
             ids = [self.device.index] if self.device.type == "cuda" else None

@@ -466,7 +466,7 @@ def digits_table(steps, only, tmp, flags=(), data_path=None, jobs=1, budget=None
             seconds.update(secs)
     else:
         os.makedirs(os.path.join(tmp, "logs"), exist_ok=True)
-        waiting, running, failed = list(entries), {}, []
+        waiting, running, failed, finished = list(entries), {}, [], {}
         deadline = time.time() + budget if budget else float("inf")
         while waiting or running:
             if time.time() > deadline:
@@ -495,8 +495,10 @@ def digits_table(steps, only, tmp, flags=(), data_path=None, jobs=1, budget=None
                     continue
                 with open(part) as f:
                     done = json.load(f)
-                rows.update({r: {int(k): v for k, v in s.items()} for r, s in done["rows"].items()})
+                finished[entry] = {r: {int(k): v for k, v in s.items()} for r, s in done["rows"].items()}
                 seconds.update(done["seconds"])
+        for entry in entries:                                   # rows in the entries' order, not the finishing one
+            rows.update(finished.get(entry, {}))
         if failed:
             print(f"digits entries that failed (see {os.path.join(tmp, 'logs')}): {', '.join(failed)}", file=sys.stderr)
     floor, ceiling = quality.floor(), quality.ceiling()
@@ -603,6 +605,7 @@ def time_block(name, spec, run, repeats, warmup):
     """Build entry `name` alone, run `warmup` untimed updates (compilation included), then time `repeats`
     updates. Returns (seconds per update, peak GB of this entry alone or None on the CPU); frees it after."""
     cuda = run.device.type == "cuda"
+    run.guard = common.UpdateGuard(run.guard.kind)           # --guard snapshot: no copies of the last entry kept
     free_memory(run)
     if cuda:
         torch.cuda.synchronize()
@@ -685,6 +688,7 @@ def profile_block(name, spec, run, repeats, warmup):
     CPU, kernel time on CUDA."""
     from torch.profiler import ProfilerActivity, profile
     cuda = run.device.type == "cuda"
+    run.guard = common.UpdateGuard(run.guard.kind)
     free_memory(run)
     step = STEPS[name](spec, run)
     for _ in range(warmup):

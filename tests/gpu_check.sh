@@ -10,7 +10,8 @@
 # 2. Meanwhile the whole suite with many workers (the CPU tests and the CUDA part: tests/test_cuda.py and the
 #    cuda cases of test_precision.py and test_accumulation.py); junit XML and log in OUT.
 # 3. Then, with the GPU to itself, the step-cost table (tests/benchmark.py: DiT-B/2 at 32x32, batch 128) in bf16
-#    with the exact and the faster target policy, and in fp32 with TF32.
+#    with the exact and the faster target policy, and in fp32 with TF32; and while the time lasts (EXTRA_UNTIL
+#    seconds, default 420): the compiled FM step, sCM's latents preset at --batch-gpu 128, DiT-XL/2 rows.
 # OUT gets report.md (the summary: GPU, date, versions, the suite's result, the tables), the logs, the
 # benchmark's JSON, the digits samples (digits-samples.png, digits-samples-cfg.png) and the runs.
 #
@@ -63,6 +64,23 @@ for i in "${!PRECISIONS[@]}"; do
     python tests/benchmark.py --skip toy digits --device "$DEVICE" "${BENCH[@]}" ${PRECISIONS[$i]} \
         --json "$OUT/step-cost-$i.json" >> "$OUT/step-cost.log" 2> "$OUT/step-cost-$i.err"
     echo "step cost ${PRECISIONS[$i]:-(fp32, TF32)} done after $(elapsed) s (exit $?)"
+done
+# then, while the eight minutes last: the compiled flow-matching step (its share of the bf16 peak), sCM's
+# ImageNet-latents preset at --batch-gpu 128 (guided sCD, DiT-B/2 on 32x32x4, fp32 with TF32: its peak memory
+# against 80 GB), and the papers' largest model (DiT-XL/2 on 32x32x4 latents, batch 64, bf16)
+EXTRAS=("--bf16 --compile --only fm/plain"
+        "--only scm/scd-cfg --model DiT-B/2 --size 32 --channels 4 --batch 128"
+        "--bf16 --only fm/plain scm/sct decm/cd+fm direct/default --model DiT-XL/2 --size 32 --channels 4 --batch 64")
+[ "${GPU_CHECK_SMOKE:-0}" = 1 ] && EXTRAS=("--compile --only fm/plain" "--only scm/scd-cfg --channels 4")
+for i in "${!EXTRAS[@]}"; do
+    if [ "$(elapsed)" -gt "${EXTRA_UNTIL:-420}" ]; then
+        echo "skipped (the time budget): ${EXTRAS[$i]}" | tee -a "$OUT/step-cost.log"
+        continue
+    fi
+    # shellcheck disable=SC2086
+    python tests/benchmark.py --skip toy digits --device "$DEVICE" "${BENCH[@]}" ${EXTRAS[$i]} \
+        --json "$OUT/step-cost-extra-$i.json" >> "$OUT/step-cost.log" 2> "$OUT/step-cost-extra-$i.err"
+    echo "step cost ${EXTRAS[$i]} done after $(elapsed) s (exit $?)"
 done
 
 # the report
