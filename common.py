@@ -1669,7 +1669,8 @@ COMMON_DEFAULTS = dict(
 # What --sample-only may set: which samples, how many, where they go and how they are scored, not what the
 # checkpoint holds. A method adds its own sampling settings (its RESUMABLE).
 SAMPLING = {"sample_only", "ckpt", "out", "n", "npz", "png_dir", "classes", "nfe", "fid", "fid_weights", "fid_ref",
-            "fid_batch", "eval_samples", "seed", "device", "threads", "bf16", "tf32", "deterministic", "data_path", "vae"}
+            "fid_batch", "eval_samples", "seed", "device", "threads", "bf16", "tf32", "deterministic", "data_path",
+            "vae"}
 
 # What --resume may change: how long, how fast and how the run reports and samples, not what its checkpoint
 # holds (model, method variant, data, teacher...). A method adds its own sampling-only settings.

@@ -486,7 +486,8 @@ def parse_config(argv=None):
     a("--diag-mean", type=float, help="logit-normal mean of t when s = t (App. G.2: -0.4)")
     a("--diag-std", type=float, help="logit-normal std of t when s = t (App. G.2: 1.0)")
     a("--mmd-group", type=int, help="m, samples per MMD group, Eq. (46); 1 = the l2 loss, Eq. (39) (CU 4, VU 2)")
-    a("--mmd-sigma", type=common.float_or_inf, help="sigma of the time-aware kernel, Eq. (44) (CU 0.05, VU 0.1; inf = no time factor)")
+    a("--mmd-sigma", type=common.float_or_inf,
+      help="sigma of the time-aware kernel, Eq. (44) (CU 0.05, VU 0.1; inf = no time factor)")
     a("--mmd-time-factor", choices=["pair", "particle"],
       help="time factor of the MMD kernel: pair = Eq. (46) as printed, one factor per pair (default; zero at the "
            "exact map); particle = Eq. (44) with each compared particle's own times")

@@ -442,10 +442,10 @@ _CIFAR10 = dict(model="DiT-B/2", sigma_d=0.5, P_mean=-1.0, P_std=1.4, batch_size
 # ImageNet latents (App. G lists P_mean -0.8, P_std 1.6 and guidance up to 2 for ImageNet 512). The rest is
 # our choice where the text is silent: EDM2's batch 2048, the CIFAR-10 optimisers, no dropout, teacher
 # label dropout 0.1 (for CFG), and sampling at the guidance scale 1.5 inside the trained range [1, 2].
-# Per GPU, --batch-gpu 128: an estimate (no GPU was available to measure it) that one micro-batch of 128
-# latents of 32x32x4 through DiT-B/2 (the JVP and the teacher's forward keep no graph; the forward-backward
-# dominates, about 0.3 GB of fp32 activations per sample at 256 tokens) fits an 80 GB GPU with room; on 8
-# GPUs the 256 per process then take two micro-batches.
+# Per GPU, --batch-gpu 128: an estimate (no GPU was available; tests/gpu_check.sh measures it) that one
+# micro-batch of 128 latents of 32x32x4 through DiT-B/2 (the JVP and the teacher's forward keep no graph;
+# the forward-backward dominates, about 0.3 GB of fp32 activations per sample at 256 tokens) fits an 80 GB
+# GPU with room; on 8 GPUs the 256 per process then take two micro-batches.
 _LATENTS = dict(model="DiT-B/2", sigma_d=0.5, P_mean=-0.8, P_std=1.6, batch_size=2048, batch_gpu=128,
                 ema_halflife_kimg=500.0, steps=400_000, class_cond=True, class_dropout=0.1, nfe=[1, 2],
                 log_every=100, sample_every=10_000, ckpt_every=10_000)
