@@ -22,6 +22,7 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 start=$(date +%s)
+CORES=$(python -c "import os; print(len(os.sched_getaffinity(0)))")   # before OMP_NUM_THREADS=1 (nproc heeds it)
 export OMP_NUM_THREADS=1 PYTHONPATH=.
 elapsed() { echo $(( $(date +%s) - start )); }
 
@@ -36,7 +37,7 @@ else
     BENCH=(--model DiT-B/2 --size 32 --batch 128 --repeats 4 --warmup 2
            --only fm/plain scm/sct scm/scd gcm/cu-fd-l2 decm/cd+fm direct/default)
     DIGITS_EXTRA="--threads 1"
-    TESTS=(-n "$(( $(nproc) > 12 ? 12 : $(nproc) ))")
+    TESTS=(-n "$(( CORES > 12 ? 12 : CORES ))")
     PRECISIONS=("--bf16" "--bf16 --target-precision bf16" "")
     python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
         || { echo "error: PyTorch sees no CUDA GPU here (GPU_CHECK_SMOKE=1 checks this script on a CPU)" >&2; exit 2; }
@@ -87,13 +88,12 @@ done
 {
     echo "# GPU check, $(date -u '+%Y-%m-%d %H:%M UTC')"
     echo
-    python -c "import torch; print(f'{torch.cuda.get_device_name() if torch.cuda.is_available() else \"no GPU (smoke run)\"}, PyTorch {torch.__version__}, CUDA {torch.version.cuda}')"
-    echo "; $(nproc) CPU cores; $(elapsed) s in all."
+    echo "$(python -c "import torch; print(f'{torch.cuda.get_device_name() if torch.cuda.is_available() else \"no GPU (smoke run)\"}, PyTorch {torch.__version__}, CUDA {torch.version.cuda}')"); $CORES CPU cores; $(elapsed) s in all."
     echo
     echo "## The suite"
     echo
     echo '```'
-    tail -n 25 "$OUT/suite.log"
+    grep -v "Warning\|warner(" "$OUT/suite.log" | tail -n 25
     echo '```'
     echo
     echo "## Step cost"
