@@ -2041,12 +2041,26 @@ class UpdateGuard:
         return True
 
 
+RUN_FILES = {"ckpt.pt": "checkpoint", "log.jsonl": "log", "config.json": "settings", "eval.json": "figures",
+             "samples": None}                              # what a run writes in OUT; None: a folder
+
+
+def check_run_files(out):
+    """Before any work (training or --sample-only): nothing in OUT stands where the run will write one of its
+    own files (a folder named log.jsonl, a file named samples), which would end a finished run in a
+    traceback."""
+    for name, what in RUN_FILES.items():
+        path = os.path.join(out, name)
+        if what and os.path.lexists(path) and not os.path.isfile(path):
+            raise UserError(f"{path} is not a file; a run keeps its {what} there")
+        if not what and os.path.lexists(path) and not os.path.isdir(path):
+            raise UserError(f"{path} is not a folder; a run keeps its sample files there")
+
+
 def check_run_folder(cfg, ckpt_path, resumable):
     """OUT's checkpoint is continued only with --resume, and a resumed run may change only what RESUMABLE (and
     the method's `resumable`) allows. Returns {setting: (old, new)} of what --resume changes."""
     exists = os.path.isfile(ckpt_path)
-    if os.path.lexists(ckpt_path) and not exists:
-        raise UserError(f"{ckpt_path} is not a file; a run keeps its checkpoint there")
     if exists and not cfg.get("resume"):
         raise UserError(f"{cfg['out']} already holds a run ({ckpt_path}); continue it with --resume, or "
                         f"choose another --out")
@@ -2194,6 +2208,7 @@ class Run:
         self.lock = RunLock(self.out, self.dist, "; --sample-only can write elsewhere with --out DIR"
                             if cfg.get("sample_only") else "")
         self.lock.check()
+        check_run_files(self.out)
         if training:
             self.resumed_changes = check_run_folder(cfg, self.ckpt_path, resumable)
         if data is not None:

@@ -55,6 +55,13 @@ def bad_files(tmp_path_factory):
     common.save_checkpoint(str(files["misfit"]), {"cfg": cfg, "step": 3, "ema_v": {"net.0.weight": torch.zeros(3)}})
     files["ckpt_dir"] = root / "ckpt_dir"                      # a run folder whose ckpt.pt is a folder
     (files["ckpt_dir"] / "ckpt.pt").mkdir(parents=True)
+    for key, name in (("log_dir", "log.jsonl"), ("eval_dir", "eval.json"), ("samples_file", "samples")):
+        files[key] = root / key                                # a folder where a run's file goes, or the reverse
+        common.save_checkpoint(str(files[key] / "ckpt.pt"), {"cfg": {**cfg, "out": str(files[key])}, "step": 3})
+        if name == "samples":
+            (files[key] / name).write_text("")
+        else:
+            (files[key] / name).mkdir()
     scm_cfg = scm.parse_config(["--dataset", "moons", "--out", str(root / "s")])
     common.save_checkpoint(str(root / "sct.pt"), {"cfg": scm_cfg, "step": 1})
     files["sct"] = root / "sct.pt"
@@ -193,6 +200,10 @@ def bad_inputs(f):
         ("direct", ["--sample-only", "--ckpt", str(f["run"] / "ckpt.pt")], "has no 'ema_v' state"),
         ("direct", ["--sample-only", "--ckpt", str(f["misfit"])], "its 'ema_v' state does not fit"),
         ("direct", ["--out", str(f["ckpt_dir"])], "ckpt.pt is not a file"),
+        ("direct", ["--out", str(f["log_dir"]), "--resume"], "log.jsonl is not a file"),
+        ("direct", ["--out", str(f["eval_dir"]), "--resume"], "eval.json is not a file"),
+        ("direct", ["--sample-only", "--ckpt", str(f["run"] / "ckpt.pt"), "--out", str(f["samples_file"])],
+         "samples is not a folder"),
         ("direct", ["--keep", "2"], "give --snapshot-every"),
         ("direct", ["--ema-halflife-kimg", "-1"], "--ema-halflife-kimg must be a finite number > 0"),
         ("direct", ["--ema-halflife-kimg", "inf"], "--ema-halflife-kimg must be a finite number > 0"),
