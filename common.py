@@ -1674,6 +1674,10 @@ SAMPLING = {"sample_only", "ckpt", "out", "n", "npz", "png_dir", "classes", "nfe
 
 # What --resume may change: how long, how fast and how the run reports and samples, not what its checkpoint
 # holds (model, method variant, data, teacher...). A method adds its own sampling-only settings.
+# The checkpoints a run is trained from (sCD's and DE-CM's --teacher, sCM's --init): saved as absolute paths;
+# --resume takes another path for one only where it is the same file, or where the saved one is gone (the
+# user moved it; the teacher's shape is checked again when it loads).
+INPUT_FILES = ("teacher", "init")
 RESUMABLE = {"out", "steps", "lr", "batch_gpu", "log_every", "sample_every", "ckpt_every", "snapshot_every", "keep",
              "nfe", "n", "eval_samples", "fid", "fid_weights", "fid_ref", "fid_batch", "max_skips", "device",
              "bf16", "target_precision", "tf32", "deterministic", "compile", "guard", "threads", "data_path", "vae",
@@ -1821,6 +1825,9 @@ def resolve_config(args, method, defaults, presets, sampling=()):
     `sampling` settings) and others only with the checkpoint's value; Run checks that a resumed run changes
     only what RESUMABLE allows. Returns a plain dict (saved as config.json)."""
     given = {k: v for k, v in vars(args).items() if v is not None and k != "help"}
+    for key in INPUT_FILES:                          # saved absolute: --resume from another folder finds them
+        if isinstance(given.get(key), str) and given[key] != "none":
+            given[key] = os.path.abspath(given[key])
     if given.pop("imagenet_latents", False):
         given["dataset"] = "imagenet-latents"
     if given.get("sample_only"):                    # sampling: the checkpoint's config, then the flags given
@@ -2070,7 +2077,13 @@ def check_run_folder(cfg, ckpt_path, resumable):
     if trained is None:
         return {}
     allowed = RESUMABLE | set(resumable)
-    changed = sorted(k for k in set(cfg) | set(trained) if k not in allowed and cfg.get(k) != trained.get(k))
+
+    def moved(k):                                    # an input checkpoint that moved, or the same file renamed
+        old, new = trained.get(k), cfg.get(k)
+        return k in INPUT_FILES and isinstance(old, str) and isinstance(new, str) and os.path.isfile(new) and (
+            not os.path.exists(old) or os.path.samefile(old, new))
+    changed = sorted(k for k in set(cfg) | set(trained) if k not in allowed and cfg.get(k) != trained.get(k)
+                     and not moved(k))
     if changed:
         parts = ", ".join(f"--{k.replace('_', '-')} {trained.get(k)} -> {cfg.get(k)}" for k in changed[:4])
         raise UserError(f"--resume continues the run in {cfg['out']}, which was started with other settings "

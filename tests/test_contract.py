@@ -573,6 +573,27 @@ def test_moved_runs_read_their_own_files_from_the_new_path(tmp_path):
     assert load_state(student / "ckpt.pt")["step"] == 4
 
 
+def test_a_teacher_given_by_a_relative_path_is_found_from_anywhere(tmp_path, monkeypatch, capsys):
+    """--teacher is saved as an absolute path, so --resume from another working folder finds it; a teacher the
+    user moved is taken at its new path, a different teacher is refused."""
+    small = ["--dataset", "moons", "--batch-size", "32", "--eval-samples", "16", "--nfe", "1"]
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    decm.main(small + ["--losses", "fm", "--steps", "2", "--out", "fm"])
+    decm.main(small + ["--teacher", "fm/ckpt.pt", "--steps", "2", "--out", "student"])
+    assert json.load(open("student/config.json"))["teacher"] == str(tmp_path / "work" / "fm" / "ckpt.pt")
+    monkeypatch.chdir(tmp_path)
+    student = str(tmp_path / "work" / "student")
+    decm.main(small + ["--steps", "3", "--out", student, "--resume"])
+    (tmp_path / "work" / "fm").rename(tmp_path / "moved")
+    decm.main(small + ["--teacher", "moved/ckpt.pt", "--steps", "4", "--out", student, "--resume"])
+    assert load_state(tmp_path / "work" / "student" / "ckpt.pt")["step"] == 4
+    decm.main(small + ["--losses", "fm", "--steps", "2", "--out", "other"])
+    code, err = run_cli(decm.main, small + ["--teacher", "other/ckpt.pt", "--steps", "5", "--out", student,
+                                            "--resume"], capsys)
+    assert code == 2 and len(err) == 1 and "started with other settings (--teacher" in err[0]
+
+
 def test_resume_applies_a_new_lr_and_logs_it(tmp_path, capsys):
     out = tmp_path / "run"
     direct.main(TOY + ["--steps", "10", "--out", str(out)])
