@@ -1672,12 +1672,13 @@ SAMPLING = {"sample_only", "ckpt", "out", "n", "npz", "png_dir", "classes", "nfe
             "fid_batch", "eval_samples", "seed", "device", "threads", "bf16", "tf32", "deterministic", "data_path",
             "vae"}
 
-# What --resume may change: how long, how fast and how the run reports and samples, not what its checkpoint
-# holds (model, method variant, data, teacher...). A method adds its own sampling-only settings.
 # The checkpoints a run is trained from (sCD's and DE-CM's --teacher, sCM's --init): saved as absolute paths;
 # --resume takes another path for one only where it is the same file, or where the saved one is gone (the
 # user moved it; the teacher's shape is checked again when it loads).
 INPUT_FILES = ("teacher", "init")
+
+# What --resume may change: how long, how fast and how the run reports and samples, not what its checkpoint
+# holds (model, method variant, data, teacher...). A method adds its own sampling-only settings.
 RESUMABLE = {"out", "steps", "lr", "batch_gpu", "log_every", "sample_every", "ckpt_every", "snapshot_every", "keep",
              "nfe", "n", "eval_samples", "fid", "fid_weights", "fid_ref", "fid_batch", "max_skips", "device",
              "bf16", "target_precision", "tf32", "deterministic", "compile", "guard", "threads", "data_path", "vae",
@@ -2048,8 +2049,7 @@ class UpdateGuard:
         return True
 
 
-RUN_FILES = {"ckpt.pt": "checkpoint", "log.jsonl": "log", "config.json": "settings", "eval.json": "figures",
-             "samples": None}                              # what a run writes in OUT; None: a folder
+RUN_FILES = {"ckpt.pt": "checkpoint", "log.jsonl": "log", "config.json": "settings", "eval.json": "figures"}
 
 
 def check_run_files(out):
@@ -2058,10 +2058,11 @@ def check_run_files(out):
     traceback."""
     for name, what in RUN_FILES.items():
         path = os.path.join(out, name)
-        if what and os.path.lexists(path) and not os.path.isfile(path):
+        if os.path.lexists(path) and not os.path.isfile(path):
             raise UserError(f"{path} is not a file; a run keeps its {what} there")
-        if not what and os.path.lexists(path) and not os.path.isdir(path):
-            raise UserError(f"{path} is not a folder; a run keeps its sample files there")
+    samples = os.path.join(out, "samples")
+    if os.path.lexists(samples) and not os.path.isdir(samples):
+        raise UserError(f"{samples} is not a folder; a run keeps its sample files there")
 
 
 def check_run_folder(cfg, ckpt_path, resumable):
@@ -2078,7 +2079,7 @@ def check_run_folder(cfg, ckpt_path, resumable):
         return {}
     allowed = RESUMABLE | set(resumable)
 
-    def moved(k):                                    # an input checkpoint that moved, or the same file renamed
+    def moved(k):                                    # an input checkpoint moved, or named another way
         old, new = trained.get(k), cfg.get(k)
         return k in INPUT_FILES and isinstance(old, str) and isinstance(new, str) and os.path.isfile(new) and (
             not os.path.exists(old) or os.path.samefile(old, new))

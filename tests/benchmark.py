@@ -801,10 +801,10 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the gradient passes (--compile)")
     p.add_argument("--guard", default="light", choices=common.UpdateGuard.KINDS, help="the update guard (--guard)")
     p.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s (default: PEAK_TFLOPS by name)")
-    p.add_argument("--profile", action="store_true", help="table a as where each update spends its time (JVPs, "
-                   "other target passes, backward, optimizer, the rest) instead of the timed blocks")
-    p.add_argument("--only", nargs="*", help="substrings of the step (and digits entry) names to run (the steps' "
-                   "references always run)")
+    p.add_argument("--profile", action="store_true", help="instead of the timed blocks, where each update spends its "
+                   "time (JVPs, other target passes, backward, optimizer step, the rest)")
+    p.add_argument("--only", nargs="*", help="names or parts of names of the steps and digits entries to run (a "
+                   "digits entry's exact name selects it alone; the steps' references always run)")
     p.add_argument("--json", help="also write the figures as JSON")
     p.add_argument("--toy-dataset", default="checkerboard", choices=common.TOY_SETS)
     p.add_argument("--toy-steps", type=int, help="shorten every toy run to this many steps (smoke test)")

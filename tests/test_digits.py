@@ -98,9 +98,9 @@ def test_floor_and_ceiling(digits_data):
 # ----------------------------------------------------------------------------------------------
 # A short digits run per method: the image path (DiT, patchify, time embeddings, the second time input,
 # the teacher's checkpoint, the sample files) trains, in a few hundred steps instead of the presets' 1500,
-# at a higher learning rate and with a short EMA. A short run's FD moves with its float rounding as much as
-# with its seed: on an H200 (other kernels, other summation orders) FM at 8 steps gave 441.5 where this CPU
-# gives 365, and seeds 0-3 here spread FM over 365-445, DE-CM 341-439, GCM 434-503, sCD 343-509 and
+# most at a higher learning rate and with a short EMA. A short run's FD moves with its float rounding as
+# much as with its seed: on an H200 (other kernels, other summation orders) FM at 8 steps gave 441.5 where
+# this CPU gives 365, and seeds 0-3 here spread FM over 365-445, DE-CM 341-439, GCM 434-503, sCD 343-509 and
 # Direct's v_theta 533-558. Each threshold sits well above the worst of those (FM and DE-CM 520, GCM 570,
 # sCD and Direct 600) and below 0.9x the ceiling (Gaussian noise, about 700); the digits must also stay
 # varied (more than 5 effective classes). GCM runs 600 steps at its preset's 1e-3 with a 4k-image EMA (at
