@@ -595,6 +595,276 @@ def digits_figure(runs, path, rows=DIGITS_FIGURE, per_side=8):
     plt.close(fig)
 
 
+# ==============================================================================================
+# Table d: the digits figure along a compute axis
+#
+# One long run per chain and seed, the largest budget times the presets' 1500 steps (the budget unit), with a
+# snapshot each time it passes a multiple of the unit's images; budget k is scored from the snapshot at k units
+# by the script's own --sample-only. No digits preset has a schedule that depends on the run's length (a
+# constant learning rate, the EMA's half-life in images, sCM's tangent warmup and GCM's curriculum off), so that
+# snapshot is the end of the run `--steps k*1500`, bit for bit (tests/test_benchmark.py checks it). A distilled
+# chain learns from its teacher chain's snapshot at --teacher-budget (default: the largest budget) of the same
+# seed, and its cost counts that teacher's run up to there.
+CURVE_BUDGETS = (1, 2, 4, 8)
+_FEW = ("--nfe", "1", "2", "4", "8")
+_BASELINE = ("--nfe", "1", "2", "4", "8", "100")
+_DECM_EVAL = ("--samplers", "cm", "mix", "mix-flowmap", "euler", "--nfe", "1", "2", "4", "8", "16", "50")
+_DIRECT_EVAL = ("--nfe", "1", "--euler-steps", "1", "2", "4", "8", "100")
+_DECM_ROWS = {"cm": "_cm", "mix": "_mix", "mix-flowmap": "_mix-flowmap", "euler": "_euler"}
+# chain: (script, training flags, the chain it distils or None, --sample-only flags, {row: eval.json suffix})
+CHAINS = {
+    "fm": ("decm.py", ["--losses", "fm"], None, _BASELINE, {"fm/euler": ""}),
+    "scm-teacher": ("scm.py", ["--mode", "diffusion"], None, _BASELINE, {"scm/teacher-ode": ""}),
+    "sct": ("scm.py", ["--mode", "sct"], None, _FEW, {"scm/sct": ""}),
+    "gcm-cu": ("gcm.py", ["--variant", "cu"], None, _FEW, {"gcm/cu-restart": ""}),
+    "gcm-vu": ("gcm.py", ["--variant", "vu"], None, _FEW, {"gcm/vu-pushforward": ""}),
+    "direct": ("direct.py", [], None, _DIRECT_EVAL, {"direct/one-step": "", "direct/v-euler": "_euler"}),
+    "decm": ("decm.py", [], "fm", _DECM_EVAL, {f"decm/{k}": v for k, v in _DECM_ROWS.items()}),
+    "scd": ("scm.py", ["--mode", "scd"], "scm-teacher", _FEW, {"scm/scd": ""}),
+    # the ablations of the papers' claims: DE-CM without N2N (Table 3 e), Direct without stop-gradient (Table 3)
+    "decm-no-n2n": ("decm.py", ["--losses", "fm,cd"], "fm", _DECM_EVAL,
+                    {f"decm-no-n2n/{k}": v for k, v in _DECM_ROWS.items()}),
+    "direct-no-sg": ("direct.py", ["--no-stop-grad"], None, _DIRECT_EVAL,
+                     {"direct-no-sg/one-step": "", "direct-no-sg/v-euler": "_euler"}),
+}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_dir(cv, seed, chain):
+    return os.path.join(cv.root, f"seed{seed}", chain)
+
+
+def snapshot_at(out, steps):
+    """The path of a run's snapshot after `steps` updates (whether it is there yet or not); None before the run
+    started (its batch size, in config.json, names the file)."""
+    batch = common.read_json(os.path.join(out, "config.json")).get("batch_size")
+    return batch and os.path.join(out, f"ckpt-{int(round(steps * batch / 1000, 3)):06d}.pt")
+
+
+def curve_jobs(cv):
+    """The jobs still to do, in the order to start them: (name, argv, ready). Scoring a snapshot (short) comes
+    first, into RUN/at-<k>x/eval.json; a training resumes its run if there is one; a student waits for its
+    teacher's snapshot."""
+    train, score = [], []
+    for seed in cv.seeds:
+        for chain in cv.chains:
+            script, flags, teacher, eval_flags, _ = CHAINS[chain]
+            out = run_dir(cv, seed, chain)
+            last = snapshot_at(out, max(cv.budgets) * cv.unit)
+            if not (last and os.path.isfile(last)):
+                argv = [script, "--dataset", "digits", "--out", out, "--seed", str(seed), "--threads", "1",
+                        "--steps", str(max(cv.budgets) * cv.unit), "--data-path", cv.data_path, "--eval-samples", "0",
+                        *flags, *cv.flags]
+                ready = True
+                if teacher:
+                    path = snapshot_at(run_dir(cv, seed, teacher), cv.teacher_budget * cv.unit)
+                    ready = bool(path and os.path.isfile(path))
+                    argv += ["--teacher", str(path)]
+                if os.path.isfile(os.path.join(out, "ckpt.pt")):
+                    argv.append("--resume")
+                train.append((f"seed{seed}/{chain}/train", argv, ready))
+            for k in cv.budgets:
+                snap, done = snapshot_at(out, k * cv.unit), os.path.join(out, f"at-{k}x", "eval.json")
+                if snap and os.path.isfile(snap) and not os.path.isfile(done):
+                    argv = [script, "--sample-only", "--ckpt", snap, "--out", os.path.dirname(done), "--threads", "1",
+                            "--eval-samples", str(cv.eval_samples), *eval_flags]
+                    score.append((f"seed{seed}/{chain}/eval-{k}x", argv, True))
+    return score + train
+
+
+def with_snapshots(argv, unit):
+    """A training job's argv with --snapshot-every one budget unit's images (kimg, from the run's batch)."""
+    import importlib
+    cfg = importlib.import_module(os.path.splitext(argv[0])[0]).parse_config(argv[1:])
+    kimg = unit * cfg["batch_size"] / 1000
+    if kimg != int(kimg):
+        raise common.UserError(f"{unit} steps of batch {cfg['batch_size']} are not a whole number of kimg")
+    return argv + ["--snapshot-every", str(int(kimg))]
+
+
+def run_curves(cv, jobs_at_once):
+    """Train and score every chain for every seed, `jobs_at_once` processes at a time (one thread each), until
+    nothing is left; started again, it continues (every run resumes). SIGTERM or Ctrl-C stops the runs at a
+    step boundary with a checkpoint (their own stop handling), then this. Returns the jobs left undone."""
+    import signal
+    os.makedirs(os.path.join(cv.root, "logs"), exist_ok=True)
+    common.DigitsQuality(cv.data_path)                          # the classifier, trained once before the runs
+    running, failed, stopping = {}, set(), []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.append(1))
+    while True:
+        todo = [j for j in curve_jobs(cv) if j[0] not in running and j[0] not in failed and j[2]]
+        if stopping:
+            for proc, _ in running.values():
+                proc.send_signal(signal.SIGTERM)
+        while todo and not stopping and len(running) < jobs_at_once:
+            name, argv, _ = todo.pop(0)
+            argv = with_snapshots(argv, cv.unit) if name.endswith("/train") else argv
+            log = open(os.path.join(cv.root, "logs", name.replace("/", "-") + ".log"), "a")
+            print(f"{time.strftime('%H:%M:%S')} start {name}", flush=True)
+            running[name] = (subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                              env={**os.environ, "OMP_NUM_THREADS": "1"}), log)
+        if not running:
+            break
+        time.sleep(1 if cv.unit < 100 else 5)
+        for name, (proc, log) in list(running.items()):
+            if proc.poll() is not None:
+                log.close()
+                del running[name]
+                print(f"{time.strftime('%H:%M:%S')} {name} exited {proc.returncode}", flush=True)
+                if proc.returncode:
+                    failed.add(name)
+    left = [j[0] for j in curve_jobs(cv)]
+    if left:
+        print(f"not done ({'stopped' if stopping else 'failed, or waiting for what failed'}; see "
+              f"{os.path.join(cv.root, 'logs')}): {', '.join(left)}", file=sys.stderr)
+    return left
+
+
+def update_flops(chains, data_path):
+    """FLOPs of one training update of each chain (torch.utils.flop_counter: matmuls and attention in the
+    forward, backward and JVP passes, the teacher's passes included; their batch as in the presets), and of
+    one forward pass of the backbone on one image. Counted on the scripts' own main, in this process: a run of 9
+    updates less a run of 3, over 6 (two whole periods of DE-CM's N2N update, every freq = 3 iterations);
+    the rest of the two runs (building, the end grids) is the same and cancels."""
+    import importlib
+    from torch.utils.flop_counter import FlopCounterMode
+    needed = set(chains) | {"fm"} | {CHAINS[c][2] for c in chains if CHAINS[c][2]}
+    out, tmp = {}, tempfile.mkdtemp()
+    for chain in sorted(needed, key=lambda c: (CHAINS[c][2] is not None, c)):       # teachers first
+        script, flags, teacher, _, _ = CHAINS[chain]
+        module = importlib.import_module(os.path.splitext(script)[0])
+        counts = []
+        for steps in (3, 9):
+            argv = ["--dataset", "digits", "--out", os.path.join(tmp, f"{chain}-{steps}"), "--steps", str(steps),
+                    "--data-path", data_path, "--eval-samples", "0", "--n", "1", "--threads", "1", *flags]
+            argv += ["--teacher", os.path.join(tmp, f"{teacher}-3", "ckpt.pt")] if teacher else []
+            with contextlib.redirect_stdout(None), FlopCounterMode(display=False) as counter:
+                module.main(argv)
+            counts.append(counter.get_total_flops())
+        batch = common.read_json(os.path.join(tmp, f"{chain}-3", "config.json"))["batch_size"]
+        out[chain] = {"flops_per_update": (counts[1] - counts[0]) / 6, "batch": batch}
+    net = common.build_backbone({"model": "DiT-T/2"}, common.load_dataset("digits"))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(torch.zeros(1, 1, 8, 8), torch.zeros(1))
+    for chain in out:
+        out[chain]["forward_flops_per_image"] = counter.get_total_flops()
+    return out
+
+
+def train_seconds(out, step):
+    """Wall seconds a run spent on its first `step` updates, from log.jsonl's seconds per step."""
+    total, last = 0.0, 0
+    with open(os.path.join(out, "log.jsonl"), "rb") as f:
+        for line in f:
+            record = common._json_record(line)
+            if record and "sec_per_step" in record and last < record["step"] <= step:
+                total, last = total + (record["step"] - last) * record["sec_per_step"], record["step"]
+    return total
+
+
+def curves_report(cv, flops):
+    """What the runs under cv.root have scored, and what each cost: {"chains": {chain: {"unit_cost",
+    "teacher_cost", ...}}, "rows": {row: {"chain": c, "<k>": {"<seed>": {nfe: {"fd", "modes"}}}}},
+    "seconds": {chain: {"<k>": {"<seed>": s}}}}. Costs are in flow-matching digits presets (one unit of fm)."""
+    fm_unit = flops["fm"]["flops_per_update"] * cv.unit
+    report = {"setting": {"unit_steps": cv.unit, "budgets": cv.budgets, "seeds": cv.seeds, "flags": cv.flags,
+                          "teacher_budget": cv.teacher_budget, "eval_samples": cv.eval_samples},
+              "chains": {}, "rows": {}, "seconds": {}}
+    for chain in cv.chains:
+        teacher, f = CHAINS[chain][2], flops[chain]
+        report["chains"][chain] = {
+            "teacher": teacher, "flops_per_update": f["flops_per_update"], "batch": f["batch"],
+            "forward_passes_per_image": f["flops_per_update"] / (f["batch"] * f["forward_flops_per_image"]),
+            "unit_cost": f["flops_per_update"] * cv.unit / fm_unit,
+            "teacher_cost": cv.teacher_budget * flops[teacher]["flops_per_update"] * cv.unit / fm_unit if teacher else 0}
+        for seed in cv.seeds:
+            out = run_dir(cv, seed, chain)
+            for k in cv.budgets:
+                ev = common.read_json(os.path.join(out, f"at-{k}x", "eval.json"))
+                if not ev:
+                    continue
+                for row, suffix in CHAINS[chain][4].items():
+                    report["rows"].setdefault(row, {"chain": chain}).setdefault(str(k), {})[str(seed)] = \
+                        {str(n): v for n, v in digits_scores(ev, suffix).items()}
+                report["seconds"].setdefault(chain, {}).setdefault(str(k), {})[str(seed)] = \
+                    train_seconds(out, k * cv.unit)
+    return report
+
+
+def row_cost(report, row, k):
+    """A row's training cost at budget k, in flow-matching presets: k of its own units, plus its teacher."""
+    c = report["chains"][report["rows"][row]["chain"]]
+    return c["teacher_cost"] + k * c["unit_cost"]
+
+
+def band(report, row, k, nfe):
+    """(median, lowest, highest, seeds) of a row's FD at budget k and `nfe`, or None where nothing is scored."""
+    fds = [s[str(nfe)]["fd"] for s in report["rows"][row].get(str(k), {}).values() if str(nfe) in s]
+    return (statistics.median(fds), min(fds), max(fds), len(fds)) if fds else None
+
+
+def curves_markdown(report):
+    """Table d: per row and NFE, the FD at every budget, median over the seeds [lowest, highest], and the cost."""
+    budgets = report["setting"]["budgets"]
+    lines = ["| method / sampler | NFE | cost of 1x | teacher | " + " | ".join(f"{k}x" for k in budgets) + " |",
+             "|---|---|---|---|" + "---|" * len(budgets)]
+    for row, data in report["rows"].items():
+        c = report["chains"][data["chain"]]
+        for nfe in sorted({int(n) for k in budgets for s in data.get(str(k), {}).values() for n in s}):
+            cells = []
+            for k in budgets:
+                b = band(report, row, k, nfe)
+                cells.append("-" if b is None else f"{b[0]:.0f}" + (f" [{b[1]:.0f}, {b[2]:.0f}]" if b[3] > 1 else ""))
+            lines.append(f"| {row} | {nfe} | {c['unit_cost']:.2f} | {c['teacher_cost']:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# The lines of the compute figure, a panel per NFE: the few-step rows, and the multi-step baselines for reference
+# at 100 steps (dashed) and at the panel's NFE (dotted).
+CURVE_LINES = {"scm/sct": "sCT", "scm/scd": "sCD", "gcm/cu-restart": "GCM CU, restart",
+               "gcm/vu-pushforward": "GCM VU, pushforward", "decm/cm": "DE-CM, CM", "decm/mix": "DE-CM, Mix",
+               "direct/one-step": "Direct, one step"}
+CURVE_REFERENCES = {"fm/euler": "flow matching, Euler", "scm/teacher-ode": "TrigFlow teacher, ODE",
+                    "direct/v-euler": "Direct's v, Euler"}
+
+
+def curves_figure(report, path, nfes=(1, 2, 4)):
+    """FD against training cost, a panel per NFE: a line per method and sampler (the median over seeds, and a
+    band from the lowest to the highest seed), and the multi-step baselines at 100 steps and at the panel's NFE."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    budgets = report["setting"]["budgets"]
+    fig, axes = plt.subplots(1, len(nfes), figsize=(5.2 * len(nfes), 4.8), sharey=True, squeeze=False)
+    colours = dict(zip(list(CURVE_LINES) + list(CURVE_REFERENCES), plt.get_cmap("tab10").colors))
+
+    def draw(ax, row, nfe, label, **style):
+        points = [(row_cost(report, row, k), band(report, row, k, nfe)) for k in budgets]
+        points = [(c, b) for c, b in points if b]
+        if points:
+            x = [c for c, _ in points]
+            ax.plot(x, [b[0] for _, b in points], color=colours[row], label=label, **style)
+            ax.fill_between(x, [b[1] for _, b in points], [b[2] for _, b in points], color=colours[row], alpha=0.15)
+    for ax, nfe in zip(axes[0], nfes):
+        for row, label in CURVE_LINES.items():
+            if row in report["rows"]:
+                draw(ax, row, nfe, label, marker="o", ms=3)
+        for row, label in CURVE_REFERENCES.items():
+            if row in report["rows"]:
+                draw(ax, row, 100, f"{label}, 100 steps", ls="--", lw=1)
+                if nfe > 1:
+                    draw(ax, row, nfe, f"{label}, {nfe} steps", ls=":", lw=1)
+        ax.set(xscale="log", yscale="log", title=f"{nfe} NFE", xlabel="training cost (flow-matching digits presets)")
+        ax.grid(alpha=0.3, which="both")
+    axes[0, 0].set_ylabel("digits FD (lower is better)")
+    handles = {h.get_label(): h for ax in axes[0] for h in ax.get_lines()}
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=5, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def free_memory(run):
     gc.collect()
     if run.device.type == "cuda":
@@ -816,6 +1086,19 @@ def main(argv=None):
     p.add_argument("--digits-jobs", type=int, default=1, help="digits entries run at a time, each in its own process")
     p.add_argument("--digits-budget", type=float, help="with --digits-jobs: stop the entries still running after this "
                    "many seconds (the table holds the others)")
+    p.add_argument("--curves", metavar="DIR", help="table d instead of a-c: train every chain of CHAINS for each seed "
+                   "to the largest budget in DIR, score each budget's snapshot, then write the table (again: continue)")
+    p.add_argument("--curve-seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of every chain")
+    p.add_argument("--curve-budgets", type=int, nargs="+", default=list(CURVE_BUDGETS), help="budgets scored, in "
+                   "multiples of the presets' 1500 steps (the runs train to the largest)")
+    p.add_argument("--curve-chains", nargs="+", choices=list(CHAINS), default=list(CHAINS), help="chains to run")
+    p.add_argument("--teacher-budget", type=int, help="the teacher snapshot students distil (default: the largest "
+                   "budget)")
+    p.add_argument("--curves-report-only", action="store_true", help="with --curves: only the table, JSON and figure "
+                   "of what DIR holds")
+    p.add_argument("--curve-unit-steps", type=int, default=1500, help="steps of one budget unit (the presets': 1500)")
+    p.add_argument("--curve-eval-samples", type=int, default=1000, help="samples scored per budget, sampler and NFE")
+    p.add_argument("--curve-jobs", type=int, default=2, help="processes at a time (one thread each)")
     p.add_argument("--digits-entry", help=argparse.SUPPRESS)          # one entry, rows to --json (--digits-jobs)
     p.add_argument("--skip", nargs="*", default=[], choices=["step-cost", "toy", "digits"], help="leave a table out")
     p.add_argument("--figure", help="draw the digits samples of every run into this PNG, the guided runs into "
@@ -827,6 +1110,27 @@ def main(argv=None):
         p.error("--target-precision bf16 needs --bf16")
     if min(args.batch, args.size, args.channels, args.repeats) < 1 or args.warmup < 0:
         p.error("--batch, --size, --channels and --repeats must be >= 1, --warmup >= 0")
+    if args.curves:
+        budgets = sorted(args.curve_budgets)
+        cv = SimpleNamespace(root=os.path.abspath(args.curves), seeds=args.curve_seeds, budgets=budgets,
+                             chains=args.curve_chains, teacher_budget=args.teacher_budget or budgets[-1],
+                             unit=args.curve_unit_steps, eval_samples=args.curve_eval_samples,
+                             flags=shlex.split(args.digits_flags),
+                             data_path=os.path.abspath(args.digits_data or os.path.join(args.curves, "digits-data")))
+        left = [] if args.curves_report_only else run_curves(cv, args.curve_jobs)
+        report = curves_report(cv, update_flops(cv.chains, cv.data_path))
+        print(f"\nDigits FD along a compute axis: the median over seeds {cv.seeds} [lowest, highest]; costs in "
+              f"flow-matching digits presets ({cv.unit} updates of batch 64); a row at budget k costs its teacher "
+              f"plus k times its cost of 1x\n")
+        print(curves_markdown(report))
+        if args.figure:
+            curves_figure(report, args.figure)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1)
+        if left and not args.curves_report_only:
+            sys.exit(1)
+        return
     if args.digits_entry:                           # a process of --digits-jobs: one entry, its rows as JSON
         rows, seconds = digits_entry(args.digits_entry, args.keep_runs, args.digits_steps,
                                      shlex.split(args.digits_flags), args.digits_data)

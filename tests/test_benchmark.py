@@ -63,3 +63,32 @@ def test_benchmark_skips_what_a_batch_cannot_take_and_runs_digits_jobs(tmp_path,
     assert "| gcm/cu-fd-mmd | skipped: batch 2" in capsys.readouterr().out
     assert {r.rsplit("/", 1)[0] for r in figures["digits"] if "/nfe" in r} == {"scm/sct", "gcm/cu-restart"}
     assert os.path.isfile(tmp_path / "runs" / "logs" / "scm-sct.log")
+
+
+def test_compute_curves_score_snapshots_as_the_shorter_runs(tmp_path, capsys, digits_data):
+    """Table d at a tiny budget unit (25 steps of batch 40): flow matching and the DE-CM student distilled from
+    its snapshot at the largest budget, scored at 1x and 2x. The 1x score of the long run's snapshot is the end
+    of a 25-step run, bit for bit; the student's cost counts its teacher; a second call finds nothing to do."""
+    import decm
+    argv = ["--curves", str(tmp_path / "cv"), "--curve-unit-steps", "25", "--curve-budgets", "1", "2",
+            "--curve-seeds", "0", "--curve-chains", "fm", "decm", "--digits-flags=--batch-size 40",
+            "--curve-eval-samples", "32", "--digits-data", digits_data, "--json", str(tmp_path / "cv.json"),
+            "--figure", str(tmp_path / "cv.png")]
+    benchmark.main(argv)
+    report = json.loads((tmp_path / "cv.json").read_text())
+    short = tmp_path / "short"
+    decm.main(["--dataset", "digits", "--losses", "fm", "--out", str(short), "--steps", "25", "--batch-size", "40",
+               "--threads", "1", "--data-path", digits_data, "--eval-samples", "32", *benchmark._BASELINE])
+    scored = json.loads((tmp_path / "cv" / "seed0" / "fm" / "at-1x" / "eval.json").read_text())
+    assert scored["fd"] == json.loads((short / "eval.json").read_text())["fd"]
+    rows = report["rows"]
+    assert set(rows) == {"fm/euler", "decm/cm", "decm/mix", "decm/mix-flowmap", "decm/euler"}
+    assert set(rows["decm/cm"]) == {"chain", "1", "2"} and set(rows["fm/euler"]["2"]["0"]) == {"1", "2", "4", "8", "100"}
+    fm, student = report["chains"]["fm"], report["chains"]["decm"]
+    assert fm["unit_cost"] == 1 and abs(fm["forward_passes_per_image"] - 3) < 0.05      # forward + backward
+    assert student["teacher"] == "fm" and student["teacher_cost"] == 2 and 1.5 < student["unit_cost"] < 3
+    assert benchmark.row_cost(report, "decm/cm", 2) == 2 + 2 * student["unit_cost"]
+    assert all(s > 0 for s in report["seconds"]["fm"]["2"].values())
+    assert "| fm/euler | 100 | 1.00 | 0.0 |" in capsys.readouterr().out
+    benchmark.main(argv)                                               # everything is done: only the table again
+    assert "start" not in capsys.readouterr().out
