@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import contextvars
 import copy
+import errno
 import fcntl
 import functools
 import json
@@ -21,6 +22,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -73,10 +75,25 @@ def setup_distributed(device=None):
 
     device: None picks CUDA when available, else CPU; "cpu" forces the CPU (and gloo)."""
     use_cuda = torch.cuda.is_available() and device != "cpu"
-    if int(os.environ.get("RANK", -1)) == -1:                   # plain `python`
+    if "RANK" not in os.environ:                                # plain `python`
         return Dist(device=torch.device(device or ("cuda" if use_cuda else "cpu")))
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    env = {k: os.environ.get(k, "") for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    missing = [k for k in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if not env[k]]
+    if missing:
+        raise UserError(f"RANK={env['RANK']} is set, as torchrun sets it, but {' and '.join(missing)} "
+                        f"{'is' if len(missing) == 1 else 'are'} not: launch with torchrun, or unset RANK to run one "
+                        f"process")
+    try:
+        rank, world, local_rank = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"] or 0)
+    except ValueError:
+        raise UserError(f"RANK={env['RANK']!r}, WORLD_SIZE={env['WORLD_SIZE']!r}, LOCAL_RANK={env['LOCAL_RANK']!r}: "
+                        f"not whole numbers") from None
+    if not 0 <= rank < world or local_rank < 0:
+        raise UserError(f"RANK={rank} does not lie in 0 .. WORLD_SIZE-1 = {world - 1} (or LOCAL_RANK={local_rank} < 0)")
+    try:
+        socket.getaddrinfo(env["MASTER_ADDR"], None)
+    except OSError:                     # else the process group retries it for half an hour
+        raise UserError(f"MASTER_ADDR={env['MASTER_ADDR']} is not a host name this machine can resolve") from None
     if use_cuda:
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
@@ -88,10 +105,34 @@ def setup_distributed(device=None):
     return Dist(rank, local_rank, world, dev)
 
 
+def check_compiler(device_type):
+    """--compile needs what Inductor builds code with: a working C++ compiler for CPU kernels, Triton for CUDA
+    ones. Checked before any work, so that a machine without them gets one line and no run folder."""
+    try:
+        if device_type == "cuda":
+            from torch.utils._triton import has_triton
+            missing = None if has_triton() else "Triton, which builds its GPU kernels, is missing or sees no GPU"
+        else:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+            get_cpp_compiler()
+            missing = None
+    except ImportError:                    # another PyTorch release: the first compiled step will say it
+        return
+    except Exception as e:
+        missing = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    if missing:
+        raise UserError(f"--compile: torch.compile cannot build code on this machine ({missing}); run without "
+                        f"--compile")
+
+
 def deterministic_algorithms():
-    """--deterministic: PyTorch's deterministic kernels (and cuBLAS's fixed workspace, which they need; set before
-    CUDA starts), so that a run and its resumption repeat bit for bit on a GPU too, a little slower. CPU runs are
-    deterministic without it. An operation without a deterministic kernel then raises instead of varying."""
+    """--deterministic: PyTorch's deterministic kernels (and cuBLAS's fixed workspace, which they need), so that a
+    run and its resumption repeat bit for bit on a GPU too, a little slower. CPU runs are deterministic without
+    it. An operation without a deterministic kernel then raises instead of varying. cuBLAS reads its workspace
+    setting at the process's first cuBLAS call: a process that has used CUDA already must have had it set."""
+    if "CUBLAS_WORKSPACE_CONFIG" not in os.environ and torch.cuda.is_initialized():
+        raise UserError("--deterministic needs CUBLAS_WORKSPACE_CONFIG=:4096:8 in the environment before this process "
+                        "uses CUDA (it has already); set it before starting Python")
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
@@ -434,50 +475,66 @@ class UniformPower:
 # an error of those passes is amplified into the target itself. The policy --target-precision decides how
 # they run (`target_precision`, `jvp`):
 #   fp32 (the exact policy, the default): IEEE fp32 on every device: autocast off, and TF32 (and oneDNN's
-#       reduced-precision fp32 modes) off inside, restored after (`ieee_fp32`). On Ampere and Hopper GPUs a
+#       reduced-precision fp32 modes) off inside, restored after (`fp32_matmuls`). On Ampere and Hopper GPUs a
 #       TF32 pass keeps 10 mantissa bits, a relative error near 1e-3 that GCM's (s - r)/(t - r) would amplify
 #       a thousandfold. (NVIDIA's FastGen and EDM2 turn TF32 off for the same reason.)
+#   tf32 (the middle policy): fp32 storage with autocast off as under the exact policy, but TF32 tensor cores in
+#       the target passes' matmuls and convolutions on CUDA (10 mantissa bits against bf16's 7, at the speed of
+#       the tensor cores, where IEEE fp32 runs at about a fifteenth of the bf16 peak). On a CPU there are no TF32
+#       units: this is the exact policy.
 #   bf16 (the faster policy of public implementations such as Sana-Sprint, rCM, FACM and TVM; needs --bf16):
 #       the target passes and JVPs run under the same bf16 autocast as the gradient passes.
-# Under either policy the numerically delicate parts stay fp32 in every pass: the attention softmax, the norms
+# Under every policy the numerically delicate parts stay fp32 in every pass: the attention softmax, the norms
 # and the time embeddings (dit.py), and the target algebra: `jvp` returns fp32, and the methods widen the
 # outputs of target passes to fp32 before differences, divisions and normalisations.
-# A gradient pass's own detached output may stand in for a target pass only when it is computed as that
-# target pass would be (`reuse_for_target`); otherwise the target pass is run.
+# A gradient pass's own detached output may stand in for a target pass only when it is computed at least as
+# precisely as that target pass would be (`reuse_for_target`); otherwise the target pass is run.
 # tests/test_precision.py checks, for every method at the closed-form Gaussian solution, that the targets
 # computed under --bf16 equal the fp32 ones to fp32 accuracy (exact policy; on CUDA with TF32 on elsewhere),
-# measures what the faster policy costs, and that TF32 is off inside every target pass and on again after.
+# measures what the tf32 and bf16 policies cost, and that TF32 is off inside every target pass and on again after.
 
-TARGET_PRECISIONS = ("fp32", "bf16")
+TARGET_PRECISIONS = ("fp32", "tf32", "bf16")
 _TARGETS = contextvars.ContextVar("target_precision", default="fp32")
 
 
 def _fp32_switches():
-    """[(flags object, attribute, IEEE value)] of the switches that let fp32 matmuls and convolutions round to
-    fewer mantissa bits. PyTorch >= 2.9 has per-backend `fp32_precision` settings (cuBLAS, cuDNN, and oneDNN on
-    the CPU, whose "bf16" mode would do the same on a CPU); older versions only the two `allow_tf32` flags.
-    Only one of the two APIs is used: PyTorch refuses to read a flag that was set through both."""
+    """[(flags object, attribute, IEEE value, device type)] of the switches that let fp32 matmuls and convolutions
+    round to fewer mantissa bits. PyTorch >= 2.9 has per-backend `fp32_precision` settings (cuBLAS and cuDNN on
+    CUDA; oneDNN on the CPU, whose "bf16" and "tf32" modes torch.set_float32_matmul_precision("medium"/"high")
+    turns on); older versions only the two CUDA `allow_tf32` flags and the matmul precision, which oneDNN also
+    follows. Only one of the two APIs is used: PyTorch refuses to read a flag that was set through both."""
     b = torch.backends
     if hasattr(b.cuda.matmul, "fp32_precision"):
-        return [(b.cuda.matmul, "fp32_precision", "ieee"), (b.cudnn.conv, "fp32_precision", "ieee"),
-                (b.cudnn.rnn, "fp32_precision", "ieee"), (b.mkldnn.matmul, "fp32_precision", "ieee"),
-                (b.mkldnn.conv, "fp32_precision", "ieee")]
-    return [(b.cuda.matmul, "allow_tf32", False), (b.cudnn, "allow_tf32", False)]
+        return [(b.cuda.matmul, "fp32_precision", "ieee", "cuda"), (b.cudnn.conv, "fp32_precision", "ieee", "cuda"),
+                (b.cudnn.rnn, "fp32_precision", "ieee", "cuda"), (b.mkldnn.matmul, "fp32_precision", "ieee", "cpu"),
+                (b.mkldnn.conv, "fp32_precision", "ieee", "cpu")]
+    return [(b.cuda.matmul, "allow_tf32", False, "cuda"), (b.cudnn, "allow_tf32", False, "cuda")]
 
 
 @contextlib.contextmanager
-def ieee_fp32():
-    """Inside: fp32 matmuls and convolutions in IEEE fp32 on every device (no TF32); the settings are restored
-    after, however the block ends."""
+def fp32_matmuls(cuda_tf32=False):
+    """Inside: fp32 matmuls and convolutions in IEEE fp32 on every device, or with cuda_tf32 in TF32 on CUDA (and
+    IEEE fp32 on the CPU); every switch is restored after, however the block ends."""
     switches = _fp32_switches()
-    saved = [getattr(obj, name) for obj, name, _ in switches]
+    saved = [getattr(obj, name) for obj, name, *_ in switches]
+    old_api = switches[0][1] == "allow_tf32"
+    saved_matmul = torch.get_float32_matmul_precision() if old_api else None
     try:
-        for obj, name, ieee in switches:
-            setattr(obj, name, ieee)
+        if old_api:                           # oneDNN follows the global matmul precision (which sets allow_tf32 too)
+            torch.set_float32_matmul_precision("highest")
+        for obj, name, ieee, device in switches:
+            setattr(obj, name, (True if old_api else "tf32") if cuda_tf32 and device == "cuda" else ieee)
         yield
     finally:
-        for (obj, name, _), value in zip(switches, saved):
+        if old_api:
+            torch.set_float32_matmul_precision(saved_matmul)
+        for (obj, name, *_), value in zip(switches, saved):
             setattr(obj, name, value)
+
+
+def ieee_fp32():
+    """Inside: IEEE fp32 matmuls and convolutions on every device (no TF32, no oneDNN bf16)."""
+    return fp32_matmuls(cuda_tf32=False)
 
 
 def set_tf32(on):
@@ -500,12 +557,23 @@ def _fp32_mode(*levels):
     return "ieee"
 
 
-def tf32_enabled():
-    """True when CUDA matmuls or convolutions may round fp32 to TF32 now (PyTorch's default allows it in cuDNN)."""
+def reduced_fp32(device_type="cuda"):
+    """True when fp32 matmuls or convolutions on this kind of device may now round to fewer mantissa bits than
+    IEEE fp32: TF32 on CUDA (cuBLAS, cuDNN; PyTorch's default allows it in cuDNN), oneDNN's bf16 or TF32 modes
+    on the CPU."""
     b = torch.backends
     if hasattr(b.cuda.matmul, "fp32_precision"):
-        return "tf32" in (_fp32_mode(b.cuda.matmul), _fp32_mode(b.cudnn.conv, b.cudnn))
-    return b.cuda.matmul.allow_tf32 or b.cudnn.allow_tf32
+        ops = [(b.cuda.matmul,), (b.cudnn.conv, b.cudnn)] if device_type == "cuda" else \
+            [(b.mkldnn.matmul, b.mkldnn), (b.mkldnn.conv, b.mkldnn)]
+        return any(_fp32_mode(*levels) != "ieee" for levels in ops)
+    if device_type == "cuda":
+        return b.cuda.matmul.allow_tf32 or b.cudnn.allow_tf32
+    return torch.get_float32_matmul_precision() != "highest"
+
+
+def tf32_enabled():
+    """True when CUDA matmuls or convolutions may round fp32 to TF32 now."""
+    return reduced_fp32("cuda")
 
 
 @contextlib.contextmanager
@@ -522,32 +590,46 @@ def mixed_precision(device, bf16=False, targets="fp32"):
         _TARGETS.reset(token)
 
 
-def _fast_targets(like):
-    """The faster policy is in force: target passes follow the bf16 autocast that is on around them."""
-    return _TARGETS.get() == "bf16" and torch.is_autocast_enabled(like.device.type)
+def target_arithmetic(device_type, autocast_on, policy=None):
+    """What a target pass on this kind of device runs in under `policy` (default: the one in force): "bf16" (the
+    faster policy, inside its autocast), "tf32" (the middle policy, on CUDA) or "ieee" (everything else)."""
+    policy = policy or _TARGETS.get()
+    if policy == "bf16" and autocast_on:
+        return "bf16"
+    return "tf32" if policy == "tf32" and device_type == "cuda" else "ieee"
+
+
+def _arithmetic(like):
+    return target_arithmetic(like.device.type, torch.is_autocast_enabled(like.device.type))
 
 
 @contextlib.contextmanager
 def target_precision(like, label="target pass"):
-    """Context for target passes (see above): IEEE fp32 (autocast and TF32 off) under the exact policy; the
-    surrounding bf16 autocast under the faster one. `like` is a tensor on the device in question. Widen what
-    such a pass returns to fp32 before subtracting or dividing it. A profiler sees the block as `label`
-    (tests/benchmark.py --profile)."""
+    """Context for target passes (see above): autocast off and IEEE fp32 under the exact policy, TF32 on CUDA
+    under the tf32 one; the surrounding bf16 autocast under the faster one. `like` is a tensor on the device in
+    question. Widen what such a pass returns to fp32 before subtracting or dividing it. A profiler sees the
+    block as `label` (tests/benchmark.py --profile)."""
     with torch.profiler.record_function(label):
-        if _fast_targets(like):
+        arithmetic = _arithmetic(like)
+        if arithmetic == "bf16":
             yield
         else:
-            with torch.autocast(like.device.type, enabled=False), ieee_fp32():
+            with torch.autocast(like.device.type, enabled=False), fp32_matmuls(cuda_tf32=arithmetic == "tf32"):
                 yield
 
 
 def reuse_for_target(like):
-    """True when a gradient pass on like's device computes its output as a target pass would (no bf16 autocast,
-    no TF32 on CUDA; or the faster policy, whose target passes are bf16 too): its detached output may then stand
-    in for the target pass. Otherwise the caller runs the target pass (one more forward)."""
-    if _fast_targets(like):
+    """True when a gradient pass on like's device computes its output at least as precisely as a target pass
+    would: under the faster policy (whose target passes are bf16 too); otherwise without autocast, and with no
+    reduced-precision fp32 (TF32 on CUDA, oneDNN's bf16 on the CPU) unless the tf32 policy allows TF32 to the
+    target passes as well. Its detached output may then stand in for the target pass; otherwise the caller
+    runs the target pass (one more forward)."""
+    arithmetic = _arithmetic(like)
+    if arithmetic == "bf16":
         return True
-    return not torch.is_autocast_enabled(like.device.type) and not (like.is_cuda and tf32_enabled())
+    if torch.is_autocast_enabled(like.device.type):
+        return False
+    return arithmetic == "tf32" or not reduced_fp32(like.device.type)
 
 
 def wide(x):
@@ -566,7 +648,7 @@ def jvp(fn, primals, tangents):
     goes through DDP. Inputs that are not differentiated (labels) are closed over by `fn`."""
     like = primals[0]
     with torch.no_grad(), target_precision(like, "target pass: JVP"):
-        if not _fast_targets(like):
+        if _arithmetic(like) != "bf16":
             primals, tangents = tuple(map(wide, primals)), tuple(map(wide, tangents))
         out, tangent = torch.func.jvp(fn, tuple(primals), tuple(tangents))
     return wide(out), wide(tangent)
@@ -1214,22 +1296,19 @@ def remove_temporaries(folder):
 
 def save_npz(path, images, labels=None):
     """Samples as the ADM evaluation suite and DiT's sample_ddp.py write them: uint8 NHWC under `arr_0`
-    (class labels, if any, under `labels`). Written to a temporary file, then renamed."""
+    (class labels, if any, under `labels`). Written atomically (atomic_write)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + f".tmp{os.getpid()}.npz"
     arrays = {"arr_0": images} if labels is None else {"arr_0": images, "labels": labels}
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+FID_DIM = 2048                          # the Inception pool features FID compares
 
 
 class FeatureStats:
     """Running float64 sums of Inception features; `finish()` all-reduces and returns (mu, sigma)."""
 
-    def __init__(self, dim=2048, device="cpu"):
+    def __init__(self, dim=FID_DIM, device="cpu"):
         self.n = torch.zeros((), dtype=torch.float64, device=device)
         self.s1 = torch.zeros(dim, dtype=torch.float64, device=device)
         self.s2 = torch.zeros(dim, dim, dtype=torch.float64, device=device)
@@ -1283,7 +1362,10 @@ def fid_reference(dataset, data_path=None, ref=None, weights=None, batch_size=25
     if ref:
         if not os.path.isfile(ref):
             raise UserError(f"FID reference statistics not found: {ref}")
-        return read_stats(ref)
+        mu, sigma = read_stats(ref)
+        if len(mu) != FID_DIM:
+            raise UserError(f"{ref} holds {len(mu)}-d statistics; FID's Inception features are {FID_DIM}-d")
+        return mu, sigma
     path = reference_stats_path(dataset, data_path)
     if os.path.isfile(path):
         return read_stats(path)
@@ -1296,10 +1378,8 @@ def fid_reference(dataset, data_path=None, ref=None, weights=None, batch_size=25
     batches = (data.get(idx[i:i + batch_size])[0] for i in range(0, len(idx), batch_size))
     mu, sigma = inception_stats(batches, inception, dist_info.device)
     if dist_info.is_main:
-        tmp = path + f".tmp{os.getpid()}.npz"
         try:
-            np.savez(tmp, mu=mu, sigma=sigma)
-            os.replace(tmp, path)
+            atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma))
         except OSError as e:                                  # a read-only data folder: computed, not cached
             print0(f"warning: could not cache the FID reference statistics in {path} ({e.strerror or e})")
     return mu, sigma
@@ -1473,21 +1553,34 @@ class EMA:
         self.model.load_state_dict(state)
 
 
-def save_checkpoint(path, obj):
-    """Write atomically: a temp file in the same folder, fsync, then rename over `path`. A crash at any
-    point leaves either the old file or the new one, never a torn one."""
+def atomic_write(path, write, mode="wb"):
+    """Write `path` whole or not at all: write(f) fills a temporary file beside it (.NAME.tmpPID), which is
+    flushed, fsynced and renamed over `path`, so a crash at any point leaves the old file or the new one. A write
+    that fails (a full disk, a folder gone) leaves no temporary file and raises OSError naming the cause:
+    torch.save reports a full disk as a RuntimeError of its zip writer ("unexpected pos", "file write
+    failed"), which becomes the same OSError."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
+        with open(tmp, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except RuntimeError as e:
+        if not re.search(r"inline_container|PytorchStreamWriter|file write failed|unexpected pos", str(e)):
+            raise
+        free = shutil.disk_usage(folder).free
+        raise OSError(errno.ENOSPC, f"the write failed ({free / 2**20:.0f} MiB free in {folder})") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_checkpoint(path, obj):
+    """torch.save, atomically (atomic_write), creating the folder if needed."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path, method=None):
@@ -1597,10 +1690,7 @@ class JSONLLogger:
                     keep.append(line.rstrip(b"\r\n") + b"\n")
                 else:
                     later += 1
-        tmp = self.path + f".tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.writelines(keep)
-        os.replace(tmp, self.path)
+        atomic_write(self.path, lambda f: f.writelines(keep))
         dropped = [f"{later} record(s) past step {step}"] * bool(later) + \
                   [f"{unreadable} unreadable line(s) (a write cut short by a kill or a crash)"] * bool(unreadable)
         if dropped:
@@ -1633,12 +1723,8 @@ def read_json(path):
 
 
 def write_json(path, obj):
-    """A JSON file written whole or not at all (temporary file, then rename): a kill while writing leaves the
-    old file."""
-    tmp = path + f".tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    """A JSON file written whole or not at all (atomic_write): a kill while writing leaves the old file."""
+    atomic_write(path, lambda f: json.dump(obj, f, indent=1, sort_keys=True), mode="w")
 
 
 # ==============================================================================================
@@ -1696,18 +1782,34 @@ class Interrupted(Exception):
 _CATCHING = weakref.WeakSet()          # runs whose loop holds the stop signals (released however it ends)
 
 
+def say(line):
+    """An error line on stderr: from rank 0 once the ranks share a process group (they stop together, and say the
+    same); before it exists, from every rank, since a rank may fail alone there (the other ranks name
+    themselves)."""
+    rank = os.environ.get("RANK", "0")
+    if rank == "0" or not tdist.is_initialized():
+        print(("" if rank == "0" else f"rank {rank}: ") + line, file=sys.stderr, flush=True)
+
+
 def cli(main, argv=None):
     """Run main(argv), turning UserError / RunError / Interrupted into one line on stderr and the exit code
-    of the contract above (a Ctrl-C before training started is an Interrupted without a checkpoint)."""
+    of the contract above (a Ctrl-C before training started is an Interrupted without a checkpoint). A
+    failure of torch.compile's compiler while the first step compiles (check_compiler catches the missing
+    compiler before any work) is a RunError too."""
     try:
-        return main(argv)
+        try:
+            return main(argv)
+        except Exception as e:
+            if not type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+                raise
+            cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise RunError(f"torch.compile failed ({cause}); run without --compile") from None
     except (UserError, RunError, Interrupted, KeyboardInterrupt) as e:
         for run in list(_CATCHING):                       # a loop left by an exception gives the signals back
             run._release_signals()
         if isinstance(e, KeyboardInterrupt):
             e = Interrupted(signal.SIGINT, "interrupted before training started; nothing was written")
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"{'stopped' if isinstance(e, Interrupted) else 'error'}: {e}", file=sys.stderr, flush=True)
+        say(f"{'stopped' if isinstance(e, Interrupted) else 'error'}: {e}")
         sys.exit(e.code if isinstance(e, Interrupted) else EXIT_USER_ERROR if isinstance(e, UserError)
                  else EXIT_RUN_ERROR)
     finally:
@@ -1719,8 +1821,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
     """argparse, but a bad flag is reported in one line (and exit code 2) like every other input error."""
 
     def error(self, message):
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
+        say(f"error: {message} (see {self.prog} --help)")
         sys.exit(EXIT_USER_ERROR)
 
 
@@ -1772,8 +1873,9 @@ def base_parser(method, description):
     a("--max-skips", type=int, help="stop after this many consecutive non-finite steps")
     a("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast for the gradient passes (CUDA or CPU)")
     a("--target-precision", choices=TARGET_PRECISIONS, help="the passes that build targets (JVPs, teacher "
-      "velocities, finite differences): fp32 = IEEE fp32 (the exact policy), bf16 = under --bf16's autocast (the "
-      "faster policy of public implementations); README, Precision")
+      "velocities, finite differences): fp32 = IEEE fp32 (the exact policy), tf32 = fp32 with TF32 tensor cores on "
+      "CUDA (the exact policy on a CPU), bf16 = under --bf16's autocast (the faster policy of public "
+      "implementations); common.py, Precision")
     a("--tf32", action=argparse.BooleanOptionalAction, help="TF32 matmuls and convolutions on CUDA outside the target "
                                                             "passes (--no-tf32: IEEE fp32 everywhere)")
     a("--deterministic", action=argparse.BooleanOptionalAction, help="deterministic kernels: bit-identical runs and "
@@ -1934,6 +2036,9 @@ def check_common(cfg):
     check_output("--out", cfg["out"])
     if cfg["png_dir"]:
         check_output("--png-dir", cfg["png_dir"])
+        if toy:
+            raise UserError(f"--png-dir writes images; the samples of --dataset {cfg['dataset']} are 2D points: --npz "
+                            f"writes them (float32 [n, 2] under arr_0)")
     if cfg["npz"]:
         check_output("--npz", cfg["npz"], folder=False)
     if cfg["data_path"]:
@@ -2140,11 +2245,15 @@ class RunLock:
         return None
 
     def _take(self):
-        """Rank 0: take the lock and write who holds it; None, or why the lock cannot be had."""
+        """Rank 0: take the lock and write who holds it; None, or why the lock cannot be had (then the folder
+        and the lock file are removed again if this made them: a refused start leaves nothing)."""
+        made = [d for d in _parents(self.folder) if not os.path.isdir(d)]
+        existed = os.path.exists(self.path)
         try:
             os.makedirs(self.folder, exist_ok=True)
             f = open(self.path, "a+b")                              # not truncated before it is ours
         except OSError as e:
+            _remove_made(made)
             return f"cannot create the lock {self.path} ({e.strerror or e})"
         for _ in range(20):                                         # another start may probe it this moment
             try:
@@ -2160,9 +2269,16 @@ class RunLock:
         else:
             f.close()
             return self._holder() or f"{self.folder} is in use by another process; wait for it to end"
-        f.truncate(0)
-        f.write(f"pid {os.getpid()} on host {socket.gethostname()}\n".encode())
-        f.flush()
+        try:
+            f.truncate(0)
+            f.write(f"pid {os.getpid()} on host {socket.gethostname()}\n".encode())
+            f.flush()
+        except OSError as e:                                        # a full disk: no room for one line
+            f.close()
+            if not existed:
+                os.remove(self.path)
+            _remove_made(made)
+            return f"cannot write the lock {self.path} ({e.strerror or e}): make room on the disk and start again"
         self.file = f
         return None
 
@@ -2176,6 +2292,23 @@ class RunLock:
 
 
 _LOCKS = set()                          # run folders this process holds (released however its run ends)
+
+
+def _parents(folder):
+    """`folder` and the folders above it, deepest first."""
+    folder = os.path.abspath(folder)
+    while folder != os.path.dirname(folder):
+        yield folder
+        folder = os.path.dirname(folder)
+
+
+def _remove_made(folders):
+    """Remove the folders of a failed start that it made itself (deepest first), if they are empty."""
+    for d in folders:
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
 
 
 class Run:
@@ -2201,6 +2334,8 @@ class Run:
             deterministic_algorithms()
         self.dist = setup_distributed(cfg.get("device"))
         self.device = self.dist.device
+        if cfg.get("compile"):
+            check_compiler(self.device.type)
         if self.device.type == "cuda":
             set_tf32(cfg.get("tf32", True))
         else:
@@ -2796,6 +2931,8 @@ def image_batches(path, batch=250):
             raise UserError(f"{path} is not an .npz with arr_0 ({type(e).__name__}: {str(e)[:80]})") from None
         if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] not in (1, 3):
             raise UserError(f"{path}: arr_0 must be uint8 [N, H, W, 1 or 3] images, got {arr.dtype} {list(arr.shape)}")
+        if len(arr) < 2:
+            raise UserError(f"{path} holds {len(arr)} image(s); FID's covariance needs at least 2 (50k by convention)")
 
         def npz_batches():
             for i in range(0, len(arr), batch):
@@ -2806,8 +2943,9 @@ def image_batches(path, batch=250):
         raise UserError(f"{path} is neither an .npz file nor a folder of images")
     files = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names
                    if f.lower().endswith(IMAGE_SUFFIXES))
-    if not files:
-        raise UserError(f"{path} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+    if len(files) < 2:
+        raise UserError(f"{path} holds {len(files)} image file(s) ({', '.join(IMAGE_SUFFIXES)}); FID's covariance "
+                        f"needs at least 2 (50k by convention)")
 
     def folder_batches():
         from PIL import Image
@@ -2840,6 +2978,8 @@ def read_stats(path):
         raise UserError(f"{path} is not an .npz of FID statistics with mu and sigma ({type(e).__name__})") from None
     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
         raise UserError(f"{path}: mu must be [d] and sigma [d, d], got {list(mu.shape)} and {list(sigma.shape)}")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise UserError(f"{path}: the statistics hold NaN or infinite values; compute them again (fid-ref)")
     return mu, sigma
 
 
@@ -2881,9 +3021,13 @@ def _main(argv=None):
             raise UserError("fid-ref IMAGES needs --out STATS.npz")
         check_output("--out", args.out, folder=False)
         mu, sigma = stats_of(args.images, args.fid_weights, args.batch_size)
-        tmp = args.out + f".tmp{os.getpid()}.npz"
-        np.savez(tmp, mu=mu, sigma=sigma)
-        os.replace(tmp, args.out)
+        made = [d for d in _parents(os.path.dirname(os.path.abspath(args.out))) if not os.path.isdir(d)]
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            atomic_write(args.out, lambda f: np.savez(f, mu=mu, sigma=sigma))
+        except OSError as e:
+            _remove_made(made)
+            raise UserError(f"could not write {args.out}: {e.strerror or e}") from None
         print(f"wrote {args.out} ({mu.shape[0]}-d statistics of {args.images})")
     elif args.cmd == "fid-ref":
         path = reference_stats_path(args.dataset, args.data_path)
@@ -2894,9 +3038,7 @@ def _main(argv=None):
         mu, _ = fid_reference(args.dataset, args.data_path, weights=args.fid_weights, batch_size=args.batch_size)
         print(f"wrote {path} ({mu.shape[0]}-d statistics)")
     elif args.cmd == "fid":
-        ref = read_stats(args.ref) if os.path.isfile(args.ref) else None
-        if ref is None:
-            raise UserError(f"FID reference statistics not found: {args.ref}")
+        ref = fid_reference(None, ref=args.ref)
         mu, sigma = stats_of(args.images, args.fid_weights, args.batch_size)
         print(f"FID of {args.images} against {args.ref}: {frechet_distance(mu, sigma, *ref):.4f}")
     else:

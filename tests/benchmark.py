@@ -446,8 +446,8 @@ def digits_entry(entry, runs, steps, flags, data_path):
 
 
 def digits_entries(only):
-    """The entries --only selects: an entry's exact name selects it alone, anything else the names it is part of."""
-    return [e for e in DIGITS if not only or any(o == e or (o not in DIGITS and o in e) for o in only)]
+    """The entries --only names (all without --only)."""
+    return [e for e in DIGITS if not only or e in only]
 
 
 def digits_table(steps, only, tmp, flags=(), data_path=None, jobs=1, budget=None):
@@ -865,6 +865,61 @@ def curves_figure(report, path, nfes=(1, 2, 4)):
     plt.close(fig)
 
 
+# ==============================================================================================
+# The target policies on a GPU (tests/gpu_check.sh): per method, what each policy costs and what it gets wrong
+
+POLICY_METHODS = {"gcm-cu": "gcm/cu-fd-l2", "scm": "scm/scd", "decm-cd": "decm/cd+fm", "decm-n2n": "decm/cd+fm",
+                  "direct": "direct/default"}
+POLICY_RUNS = {"fp32": "bf16-exact", "tf32": "bf16-tf32", "bf16": "bf16-bf16"}    # tests/gpu_check.sh's JSON names
+# The README's digits figure of each method's digits preset under --bf16 with each policy (FD at 1 NFE, one seed,
+# on the CPU, where the tf32 policy is the exact one), from its Precision table.
+README_DIGITS_BF16 = {"gcm-cu": (227.0, 323.5), "scm": (245.7, 250.7), "decm-cd": (126.7, 130.3),
+                      "direct": (428.0, 433.5)}
+# A policy whose target errs by more than this at the closed-form solution (relative to the target's size, or
+# for the targets that vanish there, against their unit scale) is not a default: it changes the maths more than
+# a training step's rounding does.
+POLICY_TOLERANCE = 1e-3
+
+
+def policy_errors(device):
+    """{method: {policy: error}}: tests/test_precision.py's oracle target errors of every policy under --bf16 on
+    `device` (a GPU with TF32 on outside the target passes, as a run there has it)."""
+    import test_precision
+    if device == "cuda":
+        common.set_tf32(True)
+    return {m: test_precision.policy_errors(m, device) for m in POLICY_METHODS}
+
+
+def policy_report(folder):
+    """Per method, a table of the three target policies: the GPU step time of the method's update under --bf16
+    and its ratio to flow matching's, the oracle target error on the GPU, the README's digits figures; and the
+    default the figures support: the fastest policy whose target error is within POLICY_TOLERANCE."""
+    def load(name):
+        path = os.path.join(folder, name)
+        return json.load(open(path)) if os.path.isfile(path) else {}
+    errors, lines = load("policy-errors.json"), []
+    steps = {p: load(f"step-cost-{run}.json").get("step_cost", {}) for p, run in POLICY_RUNS.items()}
+    for method, entry in POLICY_METHODS.items():
+        lines += [f"**{method}** ({entry})", "", "| policy | s / step | x its reference | oracle target error | "
+                  "digits FD, 1 NFE (README, CPU) |", "|---|---|---|---|---|"]
+        fastest = []
+        for i, policy in enumerate(POLICY_RUNS):
+            row = steps[policy].get(entry, {})
+            err = errors.get(method, {}).get(policy)
+            digits = README_DIGITS_BF16.get(method)
+            fd = "-" if not digits else f"{digits[0 if policy != 'bf16' else 1]:.1f}" + \
+                (" (= exact on a CPU)" if policy == "tf32" else "")
+            lines.append(f"| {policy} | {row['sec']:.4f} | {row['ratio']:.2f} | " if "sec" in row else
+                         f"| {policy} | not measured | - | ")
+            lines[-1] += f"{'-' if err is None else f'{err:.1e}'} | {fd} |"
+            if "sec" in row and err is not None and err <= POLICY_TOLERANCE:
+                fastest.append((row["sec"], policy))
+        choice = f"`{min(fastest)[1]}`" if fastest else "not decided (missing figures)"
+        lines += ["", f"Default on this GPU for {method}: {choice} (the fastest policy whose target error at the "
+                  f"solution is within {POLICY_TOLERANCE:g})", ""]
+    return "\n".join(lines)
+
+
 def free_memory(run):
     gc.collect()
     if run.device.type == "cuda":
@@ -1026,7 +1081,7 @@ def toy_table(dataset, steps, only, tmp, flags=()):
     """Table b: {row: {nfe: swd}}, each method trained by its own toy preset, then prior and floor."""
     rows, seconds = {}, {}
     for method, runner in TOYS.items():
-        if only and not any(o in method for o in only):
+        if only and method not in only:
             continue
         t0 = time.perf_counter()
         res = runner(dataset, os.path.join(tmp, "toy-" + method), steps, flags)
@@ -1056,7 +1111,7 @@ def toy_markdown(rows, seconds):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="DiT-S/2")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=32)
@@ -1073,8 +1128,12 @@ def main(argv=None):
     p.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s (default: PEAK_TFLOPS by name)")
     p.add_argument("--profile", action="store_true", help="instead of the timed blocks, where each update spends its "
                    "time (JVPs, other target passes, backward, optimizer step, the rest)")
-    p.add_argument("--only", nargs="*", help="names or parts of names of the steps and digits entries to run (a "
-                   "digits entry's exact name selects it alone; the steps' references always run)")
+    p.add_argument("--only", nargs="+", help="the entries to run, by name (STEPS, TOYS, DIGITS; a step's reference "
+                   "runs with it); a table none of them belongs to is left out")
+    p.add_argument("--policy-errors", action="store_true", help="instead of the tables: the oracle target error of "
+                   "each target policy per method under --bf16 on --device (tests/test_precision.py), to --json")
+    p.add_argument("--policy-report", metavar="DIR", help="instead of the tables: per method, the decision table of the "
+                   "target policies from tests/gpu_check.sh's step-cost and policy-error JSON in DIR")
     p.add_argument("--json", help="also write the figures as JSON")
     p.add_argument("--toy-dataset", default="checkerboard", choices=common.TOY_SETS)
     p.add_argument("--toy-steps", type=int, help="shorten every toy run to this many steps (smoke test)")
@@ -1110,6 +1169,23 @@ def main(argv=None):
         p.error("--target-precision bf16 needs --bf16")
     if min(args.batch, args.size, args.channels, args.repeats) < 1 or args.warmup < 0:
         p.error("--batch, --size, --channels and --repeats must be >= 1, --warmup >= 0")
+    unknown = [o for o in args.only or [] if o not in {**STEPS, **TOYS, **DIGITS}]
+    if unknown:
+        p.error(f"--only: no entry named {', '.join(unknown)} (steps: {', '.join(STEPS)}; toy: {', '.join(TOYS)}; "
+                f"digits: {', '.join(DIGITS)})")
+    import dit
+    if args.model not in dit.DiT_models:
+        p.error(f"--model {args.model}: not one of {', '.join(dit.DiT_models)}")
+    if args.policy_errors:
+        errors = policy_errors(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        print(json.dumps(errors, indent=1))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(errors, f, indent=1)
+        return
+    if args.policy_report:
+        print(policy_report(args.policy_report))
+        return
     if args.curves:
         budgets = sorted(args.curve_budgets)
         cv = SimpleNamespace(root=os.path.abspath(args.curves), seeds=args.curve_seeds, budgets=budgets,
@@ -1137,8 +1213,12 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "seconds": seconds}, f)
         return
-    chosen = [n for n in STEPS if not args.only or any(s in n for s in args.only)]
+    chosen = [n for n in STEPS if not args.only or n in args.only]
     names = [n for n in STEPS if n in chosen or any(REFERENCE[c] == n for c in chosen)]
+    for table, entries in (("step-cost", chosen), ("toy", [m for m in TOYS if m in (args.only or TOYS)]),
+                           ("digits", digits_entries(args.only))):
+        if not entries and table not in args.skip:               # --only names nothing of this table
+            args.skip.append(table)
     figures = {"setting": vars(args)}
     if args.keep_runs:
         os.makedirs(args.keep_runs, exist_ok=True)
@@ -1153,9 +1233,10 @@ def main(argv=None):
             cuda = run.device.type == "cuda"
             device = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
             figures["setting"]["device_name"] = device
-            policy = (f"bf16 autocast, target passes {'bf16' if args.target_precision == 'bf16' else 'IEEE fp32'}"
-                      if args.bf16 else f"fp32{'' if args.no_tf32 or not cuda else ' with TF32'}, target passes "
-                      f"IEEE fp32")
+            targets = {"fp32": "IEEE fp32", "tf32": "fp32 with TF32" if cuda else "IEEE fp32 (tf32 on a CPU)",
+                       "bf16": "bf16"}[args.target_precision]
+            policy = (f"bf16 autocast, target passes {targets}" if args.bf16 else
+                      f"fp32{'' if args.no_tf32 or not cuda else ' with TF32'}, target passes {targets}")
             setting = (f"{args.model} at {args.size}x{args.size}x{args.channels}, batch {args.batch}, {device}; {policy}"
                        f"{', compiled' if args.compile else ''}, guard {args.guard}")
             if args.profile:
@@ -1223,4 +1304,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

@@ -1,5 +1,6 @@
 import os
 import pickle
+import re
 import socket
 import subprocess
 import sys
@@ -9,6 +10,10 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# cuBLAS reads its workspace setting at a process's first cuBLAS call, and --deterministic (tests/test_cuda.py)
+# needs a fixed one: set it before any test of this worker touches a GPU (common.deterministic_algorithms can
+# only set it for processes that have not).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 # pytest.ini runs the suite on two workers (pytest-xdist), a module per worker at a time. Each worker and what it
 # starts (CLI subprocesses, notebook kernels) then keeps to one thread: two workers of two threads would
 # oversubscribe the two cores CI has, and a small network gains little from a second thread anyway.
@@ -46,11 +51,27 @@ def cpu_unless_marked_cuda():
     patch.undo()
 
 
+class CpuOnlyPopen(subprocess.Popen):
+    """subprocess.Popen for the CPU tests: a run of the project's scripts that they start must see no GPU
+    (env=cpu_env()), as if a GPU were visible on every machine, so a test that forgets it fails here on a
+    CPU-only machine too, not only where a GPU would take the run over (and a bit-for-bit comparison with a CPU
+    run would fail). Other programs (a compiler, Inductor's workers) are left alone."""
+    RUNS = re.compile(r"\b(scm|gcm|decm|direct|common|benchmark|ddp_step)\.py\b|gpu_check\.sh|torch\.distributed\.run")
+
+    def __init__(self, args, *rest, env=None, **kwargs):
+        command = args if isinstance(args, str) else " ".join(map(str, args))
+        if self.RUNS.search(command) and (os.environ if env is None else env).get("CUDA_VISIBLE_DEVICES") != "":
+            raise AssertionError(f"a CPU test starts {args!r} where a GPU would be visible: give it env=cpu_env()")
+        super().__init__(args, *rest, env=env, **kwargs)
+
+
 @pytest.fixture(autouse=True)
 def gpu_for_cuda_tests(request, monkeypatch):
-    """A test marked cuda sees the GPU again, for its own duration."""
+    """A test marked cuda sees the GPU again, for its own duration; any other test starts only CPU processes."""
     if request.node.get_closest_marker("cuda"):
         monkeypatch.setattr(torch.cuda, "is_available", _cuda_is_available)
+    else:
+        monkeypatch.setattr(subprocess, "Popen", CpuOnlyPopen)
 
 
 def cpu_env(**extra):

@@ -49,12 +49,13 @@ def test_benchmark_tables_smoke(tmp_path, capsys, digits_data):
     assert "within 2x of fm/euler at 100" in text and "| held-out vs training digits (floor) |" in text
 
 
-def test_benchmark_skips_what_a_batch_cannot_take_and_runs_digits_jobs(tmp_path, capsys, digits_data):
+def test_benchmark_skips_what_a_batch_cannot_take_and_runs_digits_jobs(tmp_path, capsys, digits_data, monkeypatch):
     """--batch 2: the CU MMD rows (groups of 4) are skipped with the reason, the VU one (groups of 2) runs.
     --digits-jobs 2: two digits entries train as two processes at once, their rows merged into one table."""
     path = tmp_path / "bench.json"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")                   # the digits jobs are CPU processes
     benchmark.main(["--model", "DiT-T/2", "--size", "8", "--batch", "2", "--repeats", "1", "--warmup", "0",
-                    "--only", "gcm/cu-fd-mmd", "gcm/vu", "scm-sct", "gcm-cu", "--skip", "toy", "--digits-jobs", "2",
+                    "--only", "gcm/cu-fd-mmd", "gcm/vu-fd-mmd", "scm-sct", "gcm-cu", "--skip", "toy", "--digits-jobs", "2",
                     "--digits-steps", "2", "--digits-data", digits_data, "--keep-runs", str(tmp_path / "runs"),
                     "--digits-flags=--eval-samples 16 --batch-size 16 --n 4 --nfe 1 --threads 1", "--json", str(path)])
     figures = json.loads(path.read_text())
@@ -65,11 +66,12 @@ def test_benchmark_skips_what_a_batch_cannot_take_and_runs_digits_jobs(tmp_path,
     assert os.path.isfile(tmp_path / "runs" / "logs" / "scm-sct.log")
 
 
-def test_compute_curves_score_snapshots_as_the_shorter_runs(tmp_path, capsys, digits_data):
+def test_compute_curves_score_snapshots_as_the_shorter_runs(tmp_path, capsys, digits_data, monkeypatch):
     """Table d at a tiny budget unit (25 steps of batch 40): flow matching and the DE-CM student distilled from
     its snapshot at the largest budget, scored at 1x and 2x. The 1x score of the long run's snapshot is the end
     of a 25-step run, bit for bit; the student's cost counts its teacher; a second call finds nothing to do."""
     import decm
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")                   # the runs are CPU processes
     argv = ["--curves", str(tmp_path / "cv"), "--curve-unit-steps", "25", "--curve-budgets", "1", "2",
             "--curve-seeds", "0", "--curve-chains", "fm", "decm", "--digits-flags=--batch-size 40",
             "--curve-eval-samples", "32", "--digits-data", digits_data, "--json", str(tmp_path / "cv.json"),

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+import benchmark
 import common
 import decm
 import direct
@@ -25,7 +26,8 @@ import gcm
 import scm
 from conftest import ROOT, assert_states_equal, cpu_env, free_port, load_state, run_cli, write_cifar_fixture
 
-MAINS = {"direct": direct.main, "gcm": gcm.main, "scm": scm.main, "decm": decm.main, "common": common._main}
+MAINS = {"direct": direct.main, "gcm": gcm.main, "scm": scm.main, "decm": decm.main, "common": common._main,
+         "benchmark": benchmark.main}
 TOY = ["--dataset", "moons", "--eval-samples", "64", "--log-every", "10"]
 
 
@@ -102,6 +104,14 @@ def bad_files(tmp_path_factory):
     files["lat_ok"] = root / "lat_ok"
     files["fid_weights"] = root / "inception.pth"
     torch.save(common.FIDInception().net.state_dict(), files["fid_weights"])
+    # FID's inputs: sample files of 0, 1 and 2 images; statistics of another dimension, with NaN, and good ones
+    for n in (0, 1, 2):
+        files[f"npz{n}"] = root / f"images{n}.npz"
+        np.savez(files[f"npz{n}"], arr_0=np.zeros((n, 8, 8, 3), np.uint8))
+    for name, mu, sigma in (("stats512", np.zeros(512), np.eye(512)), ("stats_nan", np.full(2048, np.nan), np.eye(2048)),
+                            ("stats_ok", np.zeros(2048), np.eye(2048))):
+        files[name] = root / f"{name}.npz"
+        np.savez(files[name], mu=mu, sigma=sigma)
     return files
 
 
@@ -233,6 +243,16 @@ def bad_inputs(f):
         ("common", ["encode-latents", "--images", str(f["no_classes"]), "--shard-size", "0"], "--shard-size must be"),
         ("common", ["encode-latents", "--images", str(f["no_classes"]), "--out", str(f["no_classes"] / "lat")],
          "is not an ImageFolder"),
+        # the tools around training (the FID commands, the benchmark) and toy samples as images
+        ("common", ["fid", str(f["npz0"]), "--ref", str(f["stats_ok"])], "holds 0 image(s); FID's covariance needs"),
+        ("common", ["fid", str(f["npz1"]), "--ref", str(f["stats_ok"])], "holds 1 image(s)"),
+        ("common", ["fid-ref", str(f["npz1"]), "--out", str(f["file"].parent / "new" / "s.npz")], "holds 1 image(s)"),
+        ("common", ["fid", str(f["npz2"]), "--ref", str(f["stats512"])], "holds 512-d statistics"),
+        ("common", ["fid", str(f["npz2"]), "--ref", str(f["stats_nan"])], "hold NaN or infinite values"),
+        ("benchmark", ["--only", "no/such-entry"], "--only: no entry named no/such-entry"),
+        ("benchmark", ["--model", "DiT-Q/9"], "--model DiT-Q/9: not one of"),
+        ("direct", ["--sample-only", "--ckpt", str(f["run"] / "ckpt.pt"), "--png-dir", str(f["file"].parent / "png")],
+         "are 2D points: --npz writes them"),
     ] + [(m, ["--dataset", ds, "--data-path", str(f[key]), "--model", "DiT-T/2"], msg) for m, ds, key, msg in (
         ("direct", "cifar10", "cifar_text", "is not a CIFAR-10 batch"),
         ("gcm", "cifar10", "cifar_shape", "must be a uint8 array of shape [n, 3072]"),
@@ -255,7 +275,7 @@ def test_bad_inputs_are_one_line_with_nothing_left(bad_files, tmp_path, capsys):
         args = (["--dataset", "moons"] if "--dataset" not in argv else []) + argv
         if "--out" not in args:
             args += ["--out", str(out)]
-        if method == "common":
+        if method in ("common", "benchmark"):
             args = argv
         code, err = run_cli(MAINS[method], args, capsys)
         if not (code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0]
@@ -422,7 +442,7 @@ def test_a_moved_run_resumes_bit_identically(uninterrupted, tmp_path):
     new.parent.mkdir()
     os.rename(old, new)
     res = subprocess.run([sys.executable, *SIGNAL_RUN, "--out", str(new), "--resume"], cwd=ROOT,
-                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         capture_output=True, text=True, env=cpu_env())
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"--resume: out {old} -> {new}" in res.stdout
     assert_states_equal(without_cfg(load_state(new / "ckpt.pt")), without_cfg(uninterrupted))
@@ -478,14 +498,13 @@ def test_one_live_process_per_run_folder(tmp_path, capsys):
             time.sleep(0.05)
         who = f"in use by pid {holder.pid} on host {socket.gethostname()}"
         second = subprocess.run([sys.executable, *run, "--resume"], cwd=ROOT, capture_output=True, text=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                env=cpu_env())
         err = second.stderr.strip().splitlines()
         assert second.returncode == 2 and len(err) == 1 and who in err[0], second.stderr[-2000:]
         ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
                                 "--master_addr=127.0.0.1", f"--master_port={free_port()}", *run, "--resume",
                                 "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                               env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT,
-                                    "CUDA_VISIBLE_DEVICES": ""})
+                               env=cpu_env())
         refusals = [line for line in ranks.stderr.splitlines() if line.startswith("error: ")]
         assert ranks.returncode != 0 and len(refusals) == 1 and who in refusals[0], ranks_output(ranks)
         for argv in (run[1:], ["--sample-only", "--ckpt", str(out / "ckpt.pt")]):
@@ -605,7 +624,14 @@ def test_resume_applies_a_new_lr_and_logs_it(tmp_path, capsys):
     assert load_state(out / "ckpt.pt")["opt"]["param_groups"][0]["lr"] == 5e-4
 
 
-def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+# What a full disk raises: Python's file writes an OSError; torch.save's zip writer, where the disk fills between
+# its own writes, a RuntimeError (the message a real full disk gave, issue 28).
+FULL_DISK = {"OSError": OSError(28, "No space left on device"),
+             "RuntimeError": RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4480 vs 4374")}
+
+
+@pytest.mark.parametrize("raised", FULL_DISK)
+def test_full_disk_keeps_the_previous_checkpoint(raised, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     direct.main(TOY + ["--steps", "10", "--out", str(out)])
     good = (out / "ckpt.pt").read_bytes()
@@ -614,10 +640,82 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
     def full_disk(obj, f, *a, **k):
         if isinstance(obj, dict) and "rng" in obj:
             f.write(b"partial")
-            raise OSError(28, "No space left on device")
+            raise FULL_DISK[raised]
         return real_save(obj, f, *a, **k)
     monkeypatch.setattr(torch, "save", full_disk)
     code, err = run_cli(direct.main, TOY + ["--steps", "20", "--out", str(out), "--resume"], capsys)
-    assert code == 1 and len(err) == 1 and "No space left on device" in err[0] and "is kept" in err[0], err
+    assert code == 1 and len(err) == 1 and "is kept" in err[0], err
+    assert ("No space left on device" if raised == "OSError" else "the write failed") in err[0], err
     assert (out / "ckpt.pt").read_bytes() == good
     assert [f for f in os.listdir(out) if ".tmp" in f] == []
+
+
+def test_a_start_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """No room even for the run lock's line: one line naming the lock and the cause, exit 2, and the run
+    folder this start would have made is gone again."""
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+    real_open = open
+
+    def opener(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        return FullDisk(f) if str(path).endswith(".lock") and "a" in mode else f
+    monkeypatch.setattr(common, "open", opener, raising=False)
+    out = tmp_path / "deep" / "run"
+    code, err = run_cli(direct.main, TOY + ["--steps", "5", "--out", str(out)], capsys)
+    assert code == 2 and len(err) == 1 and "cannot write the lock" in err[0] and "No space left" in err[0], err
+    assert not (tmp_path / "deep").exists()
+
+
+def test_fid_ref_makes_its_folder_and_a_full_disk_leaves_nothing(bad_files, tmp_path, monkeypatch, capsys):
+    """`common.py fid-ref IMAGES --out DIR/NEW/stats.npz` makes the folders it needs; when the write fails (a full
+    disk) it is one line, and neither the temporary file nor the folders it made are left."""
+    argv = ["fid-ref", str(bad_files["npz2"]), "--fid-weights", str(bad_files["fid_weights"]), "--out"]
+    good = tmp_path / "new" / "deeper" / "stats.npz"
+    assert run_cli(common._main, argv + [str(good)], capsys)[0] == 0
+    mu, sigma = common.read_stats(str(good))
+    assert mu.shape == (2048,) and sigma.shape == (2048, 2048)
+
+    def full_disk(f, **arrays):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(np, "savez", full_disk)
+    code, err = run_cli(common._main, argv + [str(tmp_path / "other" / "deeper" / "stats.npz")], capsys)
+    err = [line for line in err if "Inception features" not in line]       # the progress bar shares stderr
+    assert code == 2 and len(err) == 1 and "No space left on device" in err[0], err
+    assert sorted(os.listdir(tmp_path)) == ["new"]
+
+
+@pytest.mark.parametrize("env, missing", [({"RANK": "1"}, "WORLD_SIZE and MASTER_ADDR and MASTER_PORT are not"),
+                                          ({"RANK": "1", "WORLD_SIZE": "2"}, "MASTER_ADDR and MASTER_PORT are not"),
+                                          ({"RANK": "x", "WORLD_SIZE": "2", "MASTER_ADDR": "localhost",
+                                            "MASTER_PORT": "1"}, "not whole numbers")])
+def test_a_half_set_torchrun_environment_is_one_line_from_that_rank(env, missing, tmp_path, monkeypatch, capsys):
+    """RANK without the rest of torchrun's environment: before any process group exists a rank fails alone, so
+    it says why itself, naming itself; nothing is written."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "run"
+    code, err = run_cli(direct.main, TOY + ["--steps", "5", "--out", str(out)], capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"rank {env['RANK']}: error: ") and missing in err[0], err
+    assert not out.exists()
+
+
+def test_compile_without_a_compiler_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
+    """--compile where Inductor finds no working C++ compiler: one line naming the cause and the way out, exit 2,
+    and no run folder."""
+    import torch._inductor.config
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, str(tmp_path / "no-such-compiler")))
+    out = tmp_path / "run"
+    code, err = run_cli(gcm.main, TOY + ["--steps", "5", "--compile", "--out", str(out)], capsys)
+    assert code == 2 and len(err) == 1 and "No working C++ compiler" in err[0] and "without --compile" in err[0], err
+    assert not out.exists()

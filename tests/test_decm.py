@@ -14,7 +14,7 @@ import torch
 import common
 import decm
 import dit
-from conftest import ROOT, assert_states_equal, check_ddp_step, load_state, run_cli
+from conftest import ROOT, assert_states_equal, check_ddp_step, cpu_env, load_state, run_cli
 
 MU, STD = torch.tensor([1.0, -0.5, 0.3]), 0.6
 FLOW = common.GaussianFlow(decm.INTERP, MU, STD)            # z_t = (1-t) z + t x, x ~ N(MU, STD^2 I)
@@ -411,7 +411,7 @@ def test_bad_input_is_one_line(args, message, capsys):
 
 def test_script_entry_point():
     res = subprocess.run([sys.executable, "decm.py", "--dataset", "moons", "--freq", "0"], cwd=ROOT,
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env=cpu_env())
     assert res.returncode == 2 and res.stderr.strip().splitlines() == ["error: --freq must be >= 1, got 0"]
 
 

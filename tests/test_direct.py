@@ -12,7 +12,7 @@ import torch
 import common
 import direct
 import dit
-from conftest import ROOT, assert_states_equal, check_ddp_step, load_state, run_cli
+from conftest import ROOT, assert_states_equal, check_ddp_step, cpu_env, load_state, run_cli
 
 MU, STD = torch.tensor([1.5, -0.5, 0.25]), 0.4
 FLOW = common.GaussianFlow(direct.INTERP, MU, STD)     # x_t = (1-t) x0 + t x1, x1 ~ N(MU, STD^2)
@@ -173,5 +173,5 @@ def test_bad_input_is_one_line(args, message, capsys):
 
 def test_script_entry_point():
     res = subprocess.run([sys.executable, "direct.py", "--dataset", "moons", "--dt", "2"], cwd=ROOT,
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env=cpu_env())
     assert res.returncode == 2 and res.stderr.strip().splitlines() == ["error: --dt must lie in (0, 0.5), got 2.0"]

@@ -13,7 +13,7 @@ import torch
 
 import common
 import gcm
-from conftest import ROOT, assert_states_equal, check_ddp_step, load_state, run_cli
+from conftest import ROOT, assert_states_equal, check_ddp_step, cpu_env, load_state, run_cli
 
 MU, STD = torch.tensor([1.5, -0.5, 0.25]), 0.4
 FLOW = common.GaussianFlow(gcm.INTERP, MU, STD)        # x_t = (1-t) x + t z, x ~ N(MU, STD^2 I)
@@ -379,5 +379,5 @@ def test_bad_input_is_one_line(args, message, capsys, tmp_path):
 
 def test_script_entry_point():
     res = subprocess.run([sys.executable, "gcm.py", "--dataset", "moons", "--mmd-group", "0"], cwd=ROOT,
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env=cpu_env())
     assert res.returncode == 2 and res.stderr.strip().splitlines() == ["error: --mmd-group must be at least 1, got 0"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import common
-from conftest import ROOT
+from conftest import ROOT, cpu_env
 
 
 def test_ema_half_life_and_decay():
@@ -247,5 +247,41 @@ def test_cli_reports_user_errors_in_one_line(capsys):
 
 def test_common_cli_commands_fail_cleanly(tmp_path):
     res = subprocess.run([sys.executable, "common.py", "encode-latents", "--images", str(tmp_path / "none"),
-                          "--out", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True)
+                          "--out", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True,
+                         env=cpu_env())
     assert res.returncode == 2 and res.stderr.strip().startswith("error: image folder not found")
+
+
+def test_cpu_tests_start_no_process_that_could_see_a_gpu(monkeypatch):
+    """The suite's own guard (conftest.CpuOnlyPopen), with a GPU pretended visible: a CPU test that starts a
+    process with the inherited environment is stopped; with cpu_env() (CUDA_VISIBLE_DEVICES="") it runs."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    for argv in (["direct.py", "--help"], ["-m", "torch.distributed.run", "--help"]):
+        with pytest.raises(AssertionError, match="env=cpu_env"):
+            subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True)
+        assert subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, env=cpu_env()).returncode == 0
+    assert subprocess.run([sys.executable, "-c", "pass"]).returncode == 0     # not a run of the project's scripts
+
+
+def test_cublas_workspace_is_fixed_before_any_gpu_work(monkeypatch):
+    """--deterministic on a GPU needs cuBLAS's fixed workspace, read at a process's first cuBLAS call: the suite
+    sets it when it starts (conftest), and a process that used CUDA without it is told so in one line instead
+    of failing later in a cuBLAS call."""
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    with pytest.raises(common.UserError, match="CUBLAS_WORKSPACE_CONFIG"):
+        common.deterministic_algorithms()
+
+
+def test_gpu_check_reports_the_exit_and_the_error_of_a_failing_phase(tmp_path):
+    """tests/gpu_check.sh runs each phase through `phase`: a step that crashes gets its exit code and the last
+    line of its traceback in the report's phase table, and counts as a failure (the script's exit code); a
+    step that passes is reported with exit 0. (Before, `(exit $?)` read the exit of a command substitution: 0.)"""
+    script = (f"source tests/gpu_check.sh; OUT={tmp_path}; "
+              f"phase ok 60 {tmp_path}/a.log python -c 'print(1)'; "
+              f"phase crash 60 {tmp_path}/b.log python -c 'raise ValueError(\"boom\")'; echo failures=$failures")
+    res = subprocess.run(["bash", "-c", script], cwd=ROOT, env=cpu_env(), capture_output=True, text=True)
+    table = (tmp_path / "phases.md").read_text()
+    assert "| ok | 0 |" in table and "| crash | 1 |" in table and "ValueError: boom |" in table, table
+    assert "failures=1" in res.stdout, res.stdout + res.stderr

@@ -29,12 +29,12 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 @contextlib.contextmanager
 def tf32(on):
     """TF32 set as a run on a GPU sets it (common.set_tf32), restored after (a no-op for CPU arithmetic)."""
-    saved = [getattr(obj, name) for obj, name, _ in common._fp32_switches()]
+    saved = [getattr(obj, name) for obj, name, *_ in common._fp32_switches()]
     common.set_tf32(on)
     try:
         yield
     finally:
-        for (obj, name, _), value in zip(common._fp32_switches(), saved):
+        for (obj, name, *_), value in zip(common._fp32_switches(), saved):
             setattr(obj, name, value)
 
 
@@ -374,7 +374,7 @@ def test_target_precision_and_jvp_restore_the_flags():
     every switch back to what it was afterwards, also when the block raises."""
     seen = []
     with tf32(True):
-        before = [getattr(obj, name) for obj, name, _ in common._fp32_switches()]
+        before = [getattr(obj, name) for obj, name, *_ in common._fp32_switches()]
         x = torch.randn(3, 4)
         with common.target_precision(x):
             seen.append(common.tf32_enabled())
@@ -382,7 +382,7 @@ def test_target_precision_and_jvp_restore_the_flags():
         with pytest.raises(RuntimeError), common.ieee_fp32():
             seen.append(common.tf32_enabled())
             raise RuntimeError("inside")
-        assert [getattr(obj, name) for obj, name, _ in common._fp32_switches()] == before
+        assert [getattr(obj, name) for obj, name, *_ in common._fp32_switches()] == before
         assert common.tf32_enabled() and seen == [False, False, False]
         with O.bf16("cpu"):                                            # and the reuse rule follows the policy
             assert not common.reuse_for_target(x)
@@ -394,37 +394,114 @@ def test_target_precision_and_jvp_restore_the_flags():
 # ----------------------------------------------------------------------------------------------
 # The faster policy (--target-precision bf16): what it costs at the closed-form solution
 
-def policy_errors(method):
-    """(exact policy, faster policy) error of a method's target at the closed-form solution under --bf16 on the
-    CPU: GCM, the Eq. (39) target's largest per-sample distance to fp32; sCD, the normalised tangent's RMS
-    norm (0 at the solution); DE-CM, g_cm's and g_n2n's RMS (0 at the solution); Direct, the propagation
-    target's relative distance to fp32."""
-    out = []
-    for targets in ("fp32", "bf16"):
-        ctx = lambda: O.bf16("cpu", targets)                                             # noqa: E731
+POLICIES = ("fp32", "tf32", "bf16")
+
+
+def policy_errors(method, device="cpu"):
+    """{policy: error} of a method's target at the closed-form solution under --bf16 on `device` (a GPU with TF32
+    on outside the target passes), for the exact, tf32 and faster policies: GCM, the Eq. (39) target's largest
+    per-sample distance to fp32, relative to the target's size there; sCD, the normalised tangent's RMS norm (0 at the solution); DE-CM, g_cm's and
+    g_n2n's RMS (0 at the solution); Direct, the propagation target's relative distance to fp32."""
+    out = {}
+    for targets in POLICIES:
+        ctx = lambda: O.bf16(device, targets)                                            # noqa: E731
         if method.startswith("gcm"):
-            T, _ = gcm_targets(method[-2:], ctx, torch.float32)
-            out.append(float(per_sample(T, gcm_targets(method[-2:], FP32, torch.float32)[0]).max()))
+            T, _ = gcm_targets(method[-2:], ctx, torch.float32, device)
+            T32 = gcm_targets(method[-2:], FP32, torch.float32, device)[0]
+            out[targets] = float((per_sample(T, T32) / T32.flatten(1).norm(dim=1)).max())
         elif method == "scm":
-            out.append(scd_tangent_norm(ctx))
+            out[targets] = scd_tangent_norm(ctx, device)
         elif method.startswith("decm"):
-            cd, n2n = decm_at_solution(ctx)
-            out.append(float(cd["g_cm"] if method == "decm-cd" else n2n["g_n2n"]))
+            cd, n2n = decm_at_solution(ctx, device)
+            out[targets] = float(cd["g_cm"] if method == "decm-cd" else n2n["g_n2n"])
         else:
-            w_net, v_net, x0, t = direct_setup()
+            w_net, v_net, x0, t = direct_setup(device)
             with ctx():
                 T = direct.propagation_target(w_net, v_net, x0, t, 0.01)
-            out.append(O.rel(T, direct.propagation_target(w_net, v_net, x0, t, 0.01)))
+            out[targets] = O.rel(T, direct.propagation_target(w_net, v_net, x0, t, 0.01))
     return out
 
 
 @pytest.mark.parametrize("method", ["gcm-cu", "scm", "decm-cd", "decm-n2n", "direct"])
-def test_faster_policy_runs_the_targets_in_bf16(method):
-    """The faster policy really moves the target passes to bf16: its error at the solution is of bf16's size,
-    at least 100x the exact policy's (the README's precision table prints both)."""
-    exact, fast = policy_errors(method)
-    print(f"{method}: target error at the solution, exact policy {exact:.2e}, faster policy {fast:.2e}")
-    assert fast > 100 * exact and fast > 1e-4
+def test_policies_run_the_targets_in_their_arithmetic(method, device):
+    """The faster policy really moves the target passes to bf16: its error at the solution is of bf16's size, at
+    least 100x the exact policy's (the README's precision table prints both). The tf32 policy is the exact one
+    on a CPU, to the bit; on a GPU its target passes round to TF32: an error between the other two, about an
+    eighth of bf16's (10 mantissa bits against 7)."""
+    errors = policy_errors(method, device)
+    print(f"{method} on {device}: target error at the solution, " +
+          ", ".join(f"{p} policy {e:.2e}" for p, e in errors.items()))
+    assert errors["bf16"] > 100 * errors["fp32"] and errors["bf16"] > 1e-4
+    if device == "cpu":
+        assert errors["tf32"] == errors["fp32"]
+    else:
+        assert 10 * errors["fp32"] < errors["tf32"] < errors["bf16"] / 3
+
+
+def test_target_arithmetic_of_each_policy():
+    """Which arithmetic a target pass runs in, by policy, device and whether --bf16's autocast is on: tf32 only
+    on CUDA (with or without --bf16), bf16 only inside --bf16's autocast, IEEE fp32 everywhere else."""
+    arithmetic = {(p, d, a): common.target_arithmetic(d, a, p) for p in POLICIES for d in ("cpu", "cuda")
+                  for a in (False, True)}
+    assert {k for k, v in arithmetic.items() if v == "tf32"} == {("tf32", "cuda", False), ("tf32", "cuda", True)}
+    assert {k for k, v in arithmetic.items() if v == "bf16"} == {("bf16", "cpu", True), ("bf16", "cuda", True)}
+    with common.fp32_matmuls(cuda_tf32=True), matmul_precision("medium"):
+        assert common.tf32_enabled()                       # the tf32 policy's switches, oneDNN's bf16 left as set
+    with common.fp32_matmuls(cuda_tf32=True):
+        assert common.tf32_enabled() and not common.reduced_fp32("cpu")
+    with tf32(False):
+        x = torch.randn(3)
+        with common.mixed_precision("cpu", targets="tf32"), common.target_precision(x):
+            assert not common.tf32_enabled() and not common.reduced_fp32("cpu")      # on a CPU: the exact policy
+        assert not common.tf32_enabled()
+
+
+@contextlib.contextmanager
+def matmul_precision(mode):
+    """torch.set_float32_matmul_precision(mode) for the block: "medium" lets oneDNN run fp32 matmuls in bf16 on a
+    CPU with bf16 units (and cuBLAS in TF32)."""
+    saved = [getattr(obj, name) for obj, name, *_ in common._fp32_switches()]
+    torch.set_float32_matmul_precision(mode)
+    try:
+        yield
+    finally:
+        for (obj, name, *_), value in zip(common._fp32_switches(), saved):
+            setattr(obj, name, value)
+
+
+def test_reduced_precision_fp32_on_the_cpu_is_not_a_target():
+    """After torch.set_float32_matmul_precision("medium") oneDNN may run a CPU's fp32 matmuls (a DiT's linear
+    layers) in bf16: a gradient pass is then no longer computed as a target pass, so it is not reused for GCM's
+    Eq. (39) target, and GCM CU's loss stays the IEEE one up to the rounding of the prediction (on this CPU the
+    reused pass moved the loss by 15%, 0.443 to 0.510, before the fix)."""
+    from types import SimpleNamespace
+    cfg = gcm.parse_config(["--dataset", "digits", "--variant", "cu", "--mmd-group", "1"])
+    torch.manual_seed(0)
+    net = wake(gcm.build_model(cfg, SimpleNamespace(shape=(1, 8, 8), num_classes=10, kind="image"))).train()
+    x = torch.randn(64, 1, 8, 8)
+
+    def loss():
+        torch.manual_seed(3)
+        return float(gcm.gcm_losses(net, gcm.draw(x, None, cfg), cfg, 0.005)["loss"].detach())
+    exact = loss()
+    with matmul_precision("medium"):
+        assert common.reduced_fp32("cpu") and not common.reuse_for_target(x)
+        reduced = loss()
+    assert common.reuse_for_target(x)
+    print(f"GCM CU loss, IEEE fp32 {exact:.6f}, oneDNN's medium precision {reduced:.6f}")
+    assert abs(reduced - exact) < 1e-3 * exact
+
+
+def test_tf32_policy_trains_as_the_exact_one_on_a_cpu(tmp_path):
+    """--target-precision tf32 is accepted with or without --bf16, and on a CPU a run under it is the exact
+    policy's run, bit for bit."""
+    states = []
+    for policy in ("fp32", "tf32"):
+        out = tmp_path / policy
+        gcm.main(["--dataset", "moons", "--steps", "6", "--batch-size", "32", "--eval-samples", "16", "--out", str(out),
+                  "--target-precision", policy, "--log-every", "3"])
+        states.append(torch.load(out / "ckpt.pt", weights_only=True)["net"])
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import re
 import subprocess
 import sys
 
-from conftest import ROOT
+from conftest import ROOT, cpu_env
 
 LINK = re.compile(r"\[`([\w.]+)(?:\(\))?`\]\((\w+\.py)#L(\d+)\)")
 
@@ -57,7 +57,8 @@ def test_readme_commands_use_existing_flags():
         if script not in helps:
             if not os.path.isfile(os.path.join(ROOT, script + ".py")):
                 raise AssertionError(f"README runs {script}.py, which does not exist")
-            r = subprocess.run([sys.executable, script + ".py", "--help"], cwd=ROOT, capture_output=True, text=True)
+            r = subprocess.run([sys.executable, script + ".py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                               env=cpu_env())
             assert r.returncode == 0, r.stderr[-300:]
             helps[script] = set(re.findall(r"--[\w-]+", r.stdout))
         unknown = [f for f in re.findall(r"(?<!\S)--[\w-]+", rest) if f not in helps[script]]

@@ -15,7 +15,7 @@ import torch
 import common
 import dit
 import scm
-from conftest import ROOT, assert_states_equal, check_ddp_step, load_state, run_cli
+from conftest import ROOT, assert_states_equal, check_ddp_step, cpu_env, load_state, run_cli
 
 SIGMA_D = 0.5
 MU, STD = torch.tensor([0.8, -0.3, 0.2]), 0.3
@@ -379,7 +379,7 @@ def test_bad_input_is_one_line(args, message, other_checkpoints, capsys, tmp_pat
 
 def test_script_entry_point():
     res = subprocess.run([sys.executable, "scm.py", "--dataset", "moons", "--mode", "scd"], cwd=ROOT,
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env=cpu_env())
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
         "error: --mode scd needs --teacher CKPT (a model trained with `scm.py --mode diffusion`)"]
