@@ -638,14 +638,91 @@ def wide(x):
 
 
 # ==============================================================================================
-# JVP helpers. Both return (f(primals), J_f(primals) . tangents) with the same call shape, carry no
-# autograd graph (the weights are stop-gradient in every JVP the methods take) and return fp32 (or fp64).
+# Target passes and JVPs. A training step runs two kinds of pass through a network: the gradient pass, whose
+# output carries the parameters' gradient, and target passes, whose outputs build a target without one (F_minus,
+# both points of a finite difference, a JVP, a teacher's velocity, Direct's propagation target). The losses say
+# which pass is which through `Passes` and `target`, and nothing else; how each kind is computed (through DDP
+# or not, in which precision, with which dropout mask) is decided here and in "Precision".
+
+class Passes:
+    """The passes of one training step through one network, with one dropout mask for all of them:
+        grad(*inputs)            the gradient pass (through DDP and --compile);
+        target(*inputs)          a target pass of the same network: no gradient, on the module inside DDP, in the
+                                 target precision;
+        detached(out, *inputs)   the gradient pass's output `out` at these inputs as a target: its own value with
+                                 the gradient stopped where the gradient pass computed it as a target pass would
+                                 (reuse_for_target), else the target pass;
+        function(*fixed, **kw)   the network as a function of the inputs that come before `fixed`, for `jvp`
+                                 (a target pass too).
+    Every pass starts from the random state the first one found, so all see the same dropout mask and label
+    dropout: F_theta - F_minus carries no mask noise. Outputs are fp32 at least, for the loss algebra. `call(net,
+    *inputs, **kw)` says how a pass uses the network (GCM's preconditioning); by default net(*inputs, **kw).
+    `model` may be a plain function (the tests' closed-form solutions)."""
+
+    def __init__(self, model, call=None):
+        self.model, self.net = model, unwrap(model)
+        self.call = call or (lambda net, *inputs, **kw: net(*inputs, **kw))
+        self._same = None
+
+    def _shared(self, like):
+        if self._same is None:
+            self._same = SameRandomness(like.device)
+        return self._same
+
+    def grad(self, *inputs, **kw):
+        with self._shared(inputs[0]):
+            return wide(self.call(self.model, *inputs, **kw))
+
+    def target(self, *inputs, **kw):
+        with self._shared(inputs[0]), torch.no_grad(), target_precision(inputs[0]):
+            return wide(self.call(self.net, *inputs, **kw))
+
+    def detached(self, out, *inputs, **kw):
+        return wide(out.detach()) if reuse_for_target(inputs[0]) else self.target(*inputs, **kw)
+
+    def function(self, *fixed, **kw):
+        def f(*inputs):
+            with self._shared(inputs[0]):
+                return self.call(self.net, *inputs, *fixed, **kw)
+        return f
+
+
+def target(fn, *args, **kw):
+    """fn(*args, **kw) as a target pass: no gradient, the networks among the arguments in eval mode (no dropout
+    of their own: a velocity that enters a target is a function of its inputs) and in the target precision
+    (that of the first tensor argument's device), each network's output and the result in fp32 at least."""
+    like = next(a for a in args if torch.is_tensor(a))
+    with torch.no_grad(), eval_mode(*args), target_precision(like):
+        return wide(fn(*(_Widened(a) if isinstance(a, nn.Module) else a for a in args), **kw))
+
+
+def target_pass(fn):
+    """Decorator: every call of fn is a target pass (`target`)."""
+    @functools.wraps(fn)
+    def as_target(*args, **kw):
+        return target(fn, *args, **kw)
+    return as_target
+
+
+class _Widened:
+    """A network inside a target pass: its outputs are widened to fp32 before any difference is taken of them."""
+
+    def __init__(self, net):
+        self.net = net
+
+    def __call__(self, *inputs, **kw):
+        return wide(self.net(*inputs, **kw))
+
+    def __getattr__(self, name):
+        return getattr(self.net, name)
+
 
 def jvp(fn, primals, tangents):
-    """Analytic forward-mode JVP with torch.func.jvp, a target pass (see Precision): in IEEE fp32 under the
-    exact policy (bf16 inputs are widened first), under bf16 autocast under the faster one. Call it on the
-    unwrapped module (`unwrap`), not on DDP: the JVP contributes no parameter gradient, and the gradient pass
-    goes through DDP. Inputs that are not differentiated (labels) are closed over by `fn`."""
+    """(fn(primals), J_fn(primals) . tangents) by forward-mode AD (torch.func.jvp), without a graph (the weights
+    are stop-gradient in every JVP the methods take), as a target pass: in IEEE fp32 under the exact policy
+    (bf16 inputs are widened first), under bf16 autocast under the faster one; fp32 (or fp64) out. `fn` is a
+    network as a function of the inputs differentiated (Passes.function: the module inside DDP, since the JVP
+    contributes no parameter gradient); other inputs (labels) are closed over."""
     like = primals[0]
     with torch.no_grad(), target_precision(like, "target pass: JVP"):
         if _arithmetic(like) != "bf16":
@@ -654,20 +731,10 @@ def jvp(fn, primals, tangents):
     return wide(out), wide(tangent)
 
 
-def jvp_finite_difference(fn, primals, tangents, eps=1e-3):
-    """Central finite difference (f(p + eps v) - f(p - eps v)) / (2 eps); O(eps^2) error. All three
-    evaluations see the same random draws (dropout), so the difference measures the function only."""
-    with torch.no_grad(), torch.autocast(primals[0].device.type, enabled=False), ieee_fp32():
-        same = SameRandomness(primals[0].device)
-        primals, tangents = tuple(map(wide, primals)), tuple(map(wide, tangents))
-        shifted = [tuple(p + sign * eps * t for p, t in zip(primals, tangents)) for sign in (1, -1)]
-        with same:
-            out = fn(*primals)
-        with same:
-            plus = fn(*shifted[0])
-        with same:
-            minus = fn(*shifted[1])
-        return out, (plus - minus) / (2 * eps)
+def mse(a, b):
+    """||a - b||^2 averaged over every element, in fp32 at least (bf16 is widened; float64 stays float64)."""
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    return (a.to(dtype) - b.to(dtype)).pow(2).mean()
 
 
 def rng_state(device):

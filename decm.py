@@ -45,7 +45,6 @@ import common
 import dit
 
 INTERP = common.NoiseAt0()          # z_t = (1 - t) z + t x: noise z at t = 0, data x at t = 1
-wide = common.wide                  # at least fp32: bf16 outputs are widened before the loss algebra
 LOSS_NAMES = ("fm", "cd", "n2n")
 
 
@@ -65,14 +64,13 @@ def guided_velocity(teacher, x, t, y, w_cfg=1.0, eta=1.0, normalize=True):
     plain L2 norm the guidance step would shrink like 1/sqrt(dimension), so no eta could carry from 2D toy
     data to 32x16x16 latents; with the RMS, eta is the per-element size of the guidance step.
 
-    In training it is a target pass (prepare and n2n_fm_loss run it under common.target_precision): it enters
-    the CD and N2N residuals next to F_minus from the JVP, and v_cond - v_uncond is a difference of near-equal
+    In training it is a target pass (prepare and n2n_fm_loss run it through common.target): it enters the CD
+    and N2N residuals next to F_minus from the JVP, and v_cond - v_uncond is a difference of near-equal
     velocities, taken here in fp32 at least."""
     if y is None or w_cfg == 1.0:
-        return wide(teacher(x, t, y=y))
+        return teacher(x, t, y=y)
     null = torch.full_like(y, teacher.null_label)
-    v_cond, v_uncond = teacher(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, null])).chunk(2)
-    v_cond, v_uncond = wide(v_cond), wide(v_uncond)
+    v_cond, v_uncond = common.wide(teacher(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, null]))).chunk(2)
     diff = v_cond - v_uncond                                                 # (B, ...)
     if normalize:
         rms = diff.pow(2).mean(dim=tuple(range(1, diff.dim())), keepdim=True).sqrt()
@@ -102,8 +100,8 @@ def calibrate_eta(teacher, data, cfg, device, batches=8, batch=64, seed=0):
             t = time_schedule(cfg).sample(len(x), device)
             z_t = INTERP(x, z, t)[0]
             null = torch.full_like(y, teacher.null_label)
-            with common.target_precision(z_t):
-                v_cond, v_uncond = teacher(torch.cat([z_t, z_t]), torch.cat([t, t]), y=torch.cat([y, null])).chunk(2)
+            v_cond, v_uncond = common.target(teacher, torch.cat([z_t, z_t]), torch.cat([t, t]),
+                                             y=torch.cat([y, null])).chunk(2)
             diff = (v_cond - v_uncond).double()
             total += diff.pow(2).flatten(1).mean(1).sqrt().sum()
             count += len(x)
@@ -114,7 +112,7 @@ def adaptive_loss(residual, p, c, sample_weight=None):
     """Section 4.4, adaptive loss weighting (MeanFlow/FACM): d / sg(d + c)^p per sample, d the mean square of
     residual = prediction - target; p = 0.5 makes it a pseudo-Huber loss, p = 0 plain MSE. Used as d_1 and
     d_3 of Alg. 1; sample_weight [B] multiplies each sample's term."""
-    d = wide(residual).pow(2).flatten(1).mean(1)                           # (B,)
+    d = residual.pow(2).flatten(1).mean(1)                                 # (B,)
     per_sample = d / (d.detach() + c).pow(p)
     return (per_sample if sample_weight is None else per_sample * sample_weight).mean()
 
@@ -128,7 +126,6 @@ def consistency_residual(F_pred, g, weight):
     with F_cm from the JVP, the same number in exact arithmetic; but under --bf16 the JVP is fp32 and the
     prediction bf16, and their difference, bf16 rounding noise, would then enter the loss and its gradient.)
     In g itself F is the JVP's exact primal (cm_residual, n2n_residual)."""
-    F_pred = wide(F_pred)
     return F_pred - F_pred.detach() + common.bcast(weight, g) * g
 
 
@@ -138,7 +135,6 @@ def cosine_loss(pred, target):
     channel (the digits) a per-position cosine is +-1, the sign of each pixel, with zero gradient: the cosine
     is then taken over the whole sample, the direction of the velocity as one vector. 2D toy points: over
     their two coordinates."""
-    pred, target = wide(pred), wide(target)
     if pred.dim() > 2 and pred.shape[1] == 1:
         pred, target = pred.flatten(1), target.flatten(1)                  # (B, H*W)
     cos = F.cosine_similarity(pred, target, dim=1, eps=1e-8)               # (B,) or (B, H, W)
@@ -147,7 +143,7 @@ def cosine_loss(pred, target):
 
 def fm_loss(F_fm, v_t, cos_weight=1.0):
     """d_2 of Alg. 1 l.14, Eq. (17): ||F(z_t, t, t) - v_t||^2 + L_cos(F(z_t, t, t), v_t)."""
-    mse = (wide(F_fm) - wide(v_t)).pow(2).flatten(1).mean(1)                 # (B,)
+    mse = (F_fm - v_t).pow(2).flatten(1).mean(1)                             # (B,)
     return (mse + cos_weight * cosine_loss(F_fm, v_t) if cos_weight else mse).mean()
 
 
@@ -209,36 +205,31 @@ def n2n_residual(F_net, velocity, z_r, r, t, v_r, lam, gam, v_t=None, literal=Fa
 def teacher_loss(model, batch, y, cfg):
     """The flow-matching teacher (--losses fm without --teacher), Eq. (3): F(z_t, t) regresses on x - z;
     a one-time network (the student adds s later). The cosine term of Eq. (17) only if --fm-cos > 0."""
-    L_fm = fm_loss(model(batch["z_t"], batch["t"], y=y), batch["v_t"], cfg["fm_cos"])
+    L_fm = fm_loss(common.Passes(model).grad(batch["z_t"], batch["t"], y=y), batch["v_t"], cfg["fm_cos"])
     return {"loss": L_fm, "fm": L_fm.detach()}
 
 
 def cd_fm_loss(model, batch, y, cfg):
-    """Alg. 1 l.8-15: L_cm (Eq. 10) + L_fm (Eq. 17), both from one update.
-
-    Precision (common.py, "Precision"): the gradient passes (the student's F here and in n2n_fm_loss) run
-    under --bf16's autocast; g is built from target passes: the JVPs (common.jvp), the teacher's velocities
-    and CFG differences (prepare) and v_psi of the N2N residual. The loss's value is ||w g||^2 whatever the
-    gradient pass's precision (consistency_residual).
-
-    The JVP runs on the module without DDP and without a graph; the gradient pass is one DDP forward over
-    both student evaluations, F(z_t, t, 1) and F(z_t, t, t), batched (DDP allows one forward per backward)."""
+    """Alg. 1 l.8-15: L_cm (Eq. 10) + L_fm (Eq. 17), both from one update. Target passes: the JVP of F_cm (and
+    the teacher's velocities, in prepare); the gradient pass: F(z_t, t, 1) and F(z_t, t, t), batched in one
+    forward (DDP allows one forward per backward). The loss's value is ||w g||^2 whatever the gradient pass's
+    precision (consistency_residual)."""
     z_t, t, v_t = batch["z_t"], batch["t"], batch["v_t"]
     with_cd, with_fm = "cd" in cfg["losses"], "fm" in cfg["losses"]
-    net = common.unwrap(model)
+    F = common.Passes(model)
     if with_cd:
-        _, g = cm_residual(lambda x, a, b: net(x, a, b, y=y), z_t, t, v_t)                 # l.8-9
+        _, g = cm_residual(F.function(y=y), z_t, t, v_t)                                     # l.8-9
     s = [torch.ones_like(t)] * with_cd + [t] * with_fm                                     # l.8: s = 1; l.13: s = t
     k = len(s)
-    F_all = model(torch.cat([z_t] * k), torch.cat([t] * k), torch.cat(s),
-                  y=None if y is None else torch.cat([y] * k)).chunk(k)                     # k x (B, ...)
+    F_all = F.grad(torch.cat([z_t] * k), torch.cat([t] * k), torch.cat(s),
+                   y=None if y is None else torch.cat([y] * k)).chunk(k)                    # k x (B, ...)
     out, loss = {}, 0.0
     if with_cd:
         # l.11, d_1; FACM weighs it by cos(pi t / 2) (1 at the noise end, 0 at the data end), off by default
         cm_weight = torch.cos(math.pi / 2 * t) if cfg["cm_weight"] == "cos" else None
         residual = consistency_residual(F_all[0], cm_step(g, cfg), weight(cfg["w1"], t))     # l.10
         out["cm"] = adaptive_loss(residual, cfg["adaptive_p"], cfg["adaptive_c"], cm_weight)
-        out["g_cm"] = wide(g).pow(2).mean().sqrt()                                        # RMS, a diagnostic
+        out["g_cm"] = g.pow(2).mean().sqrt()                                              # RMS, a diagnostic
         loss = loss + out["cm"]
     if with_fm:
         out["fm"] = fm_loss(F_all[-1], v_t, cfg["fm_cos"])                                  # l.14, d_2
@@ -247,32 +238,31 @@ def cd_fm_loss(model, batch, y, cfg):
 
 
 def n2n_fm_loss(model, velocity, batch, y, cfg):
-    """Alg. 1 l.18-28: L_n2n (Eq. 15) + a fresh L_fm (l.26-27), one update of their sum (l.28).
+    """Alg. 1 l.18-28: L_n2n (Eq. 15) + a fresh L_fm (l.26-27), one update of their sum (l.28). Target passes:
+    the JVP of F_n2n and the velocity v_psi at f(z_r, r, t); the gradient pass: F(z_r, r, t) and F(z_t, t, t).
 
     velocity(x, t, y): v_phi, for v_psi; None when training from scratch, where the student's own
     instantaneous velocity sg(F(x, t, t)) (what L_fm trains) stands in for the teacher."""
     z_r, r, t, v_r = batch["z_r"], batch["r"], batch["t"], batch["v_r"]
-    net = common.unwrap(model)
+    F = common.Passes(model)
 
-    @torch.no_grad()
-    def v_phi(x, s):                                    # a target pass, with no dropout of its own
-        with common.eval_mode(net), common.target_precision(x):
-            return wide(velocity(x, s, y) if velocity is not None else net(x, s, s, y=y))
-    _, g = n2n_residual(lambda x, a, b: net(x, a, b, y=y), v_phi, z_r, r, t, v_r, cfg["lam"],
-                        cfg["gamma"], batch["v_t"], cfg["n2n_form"] == "literal")             # l.22-23
+    def v_phi(net, x, s):                               # the teacher, or from scratch the student's own F(x, s, s)
+        return velocity(x, s, y) if velocity else net(x, s, s, y=y)
+    _, g = n2n_residual(F.function(y=y), lambda x, s: common.target(v_phi, F.net, x, s), z_r, r, t, v_r,
+                        cfg["lam"], cfg["gamma"], batch["v_t"], cfg["n2n_form"] == "literal")   # l.22-23
     with_fm = "fm" in cfg["losses"]
     if with_fm:                                         # F(z_r, r, t) and F(z_t, t, t) in one DDP forward
         y2 = None if y is None else torch.cat([y, y])
-        F_n2n, F_fm = model(torch.cat([z_r, batch["z_t"]]), torch.cat([r, t]), torch.cat([t, t]), y=y2).chunk(2)
+        F_n2n, F_fm = F.grad(torch.cat([z_r, batch["z_t"]]), torch.cat([r, t]), torch.cat([t, t]), y=y2).chunk(2)
     else:
-        F_n2n = model(z_r, r, t, y=y)
+        F_n2n = F.grad(z_r, r, t, y=y)
     residual = consistency_residual(F_n2n, g, weight(cfg["w2"], t, r))                   # l.24
     out = {"n2n": adaptive_loss(residual, cfg["adaptive_p"], cfg["adaptive_c"])}           # l.25, d_3
     loss = out["n2n"]
     if with_fm:
         out["fm_n2n"] = fm_loss(F_fm, batch["v_t"], cfg["fm_cos"])                         # l.26-27, d_2
         loss = loss + out["fm_n2n"]
-    out["g_n2n"] = wide(g).pow(2).mean().sqrt()                                          # RMS, a diagnostic
+    out["g_n2n"] = g.pow(2).mean().sqrt()                                                # RMS, a diagnostic
     return {"loss": loss, **{k: v.detach() for k, v in out.items()}}
 
 
@@ -350,14 +340,12 @@ def prepare(x, y, velocity, cfg, with_n2n):
         batch.update(r=r, z_r=INTERP(x, z, r)[0])                              # l.19
     if velocity is None:
         batch.update(v_t=v_cond, v_r=v_cond)
-        return batch
-    with torch.no_grad(), common.target_precision(z_t):                       # the teacher: target passes
-        if with_n2n:                                                           # l.5 and l.20 in one call
-            y2 = None if y is None else torch.cat([y, y])
-            both = velocity(torch.cat([z_t, batch["z_r"]]), torch.cat([t, batch["r"]]), y2)     # (2B, ...)
-            batch["v_t"], batch["v_r"] = wide(both).chunk(2)
-        else:
-            batch["v_t"] = wide(velocity(z_t, t, y))                           # l.5-6
+    elif with_n2n:                                                             # l.5 and l.20 in one call
+        y2 = None if y is None else torch.cat([y, y])
+        both = common.target(velocity, torch.cat([z_t, batch["z_r"]]), torch.cat([t, batch["r"]]), y2)   # (2B, ...)
+        batch["v_t"], batch["v_r"] = both.chunk(2)
+    else:
+        batch["v_t"] = common.target(velocity, z_t, t, y)                      # l.5-6, a target pass
     return batch
 
 

@@ -32,17 +32,11 @@ INTERP = common.NoiseAt0()          # x_t = (1 - t) x0 + t x1: x0 noise (t=0), x
 # ==============================================================================================
 # The method
 
-def mse(a, b):
-    """||a - b||^2 averaged over every element (the paper's squared norm, up to a constant), in fp32
-    at least (bf16 activations are upcast; float64 stays float64)."""
-    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
-    return (a.to(dtype) - b.to(dtype)).pow(2).mean()
-
-
 def cfm_loss(v_model, x1, x0, t, y=None):
-    """Eq. (15): || v_theta(x_t, t) - (x1 - x0) ||^2 at x_t = (1 - t) x0 + t x1 (Eq. 14), Alg. 1 l.5-7."""
+    """Eq. (15): || v_theta(x_t, t) - (x1 - x0) ||^2 at x_t = (1 - t) x0 + t x1 (Eq. 14), Alg. 1 l.5-7; the
+    squared norm averaged over elements (common.mse), the paper's up to a constant."""
     x_t, u = INTERP(x1, x0, t)
-    return mse(v_model(x_t, t, y=y), u)
+    return common.mse(v_model(x_t, t, y=y), u)
 
 
 def velocity(v_model, x, t, y=None, cfg_scale=1.0):
@@ -68,18 +62,17 @@ def propagate(w_prev, v, t, dt, param="tw"):
     return w_prev + dt * v
 
 
-@torch.no_grad()
+@common.target_pass
 def propagation_target(w_net, v_net, x0, t, dt, y=None, param="tw", cfg_scale=1.0):
     """The target of Eq. (16), Alg. 1 l.11-12: (t' - dt)/t' sg[w_nu(x0, t')] + dt/t' v_theta(x'_t, t') at
     x'_t = x0 + t' sg[w_nu(x0, t')], with v_theta guided when cfg_scale != 1 (Table 5).
 
-    Its passes run in eval mode: v_theta is trained with label dropout (for CFG), and a target whose "guided"
-    velocity were unguided for a random tenth of the batch would be noise. They are target passes
-    (common.target_precision; IEEE fp32 under the exact policy): the target's new information is the step
-    dt/t' (v - w), about 1% of w, the size of bf16's rounding of w."""
-    with common.eval_mode(w_net, v_net), common.target_precision(x0):
-        w_prev = common.wide(w_net(x0, t, y=y))                               # sg[w_nu(x0, t')]
-        v = common.wide(velocity(v_net, flow(w_prev, x0, t, param), t, y, cfg_scale))
+    A target pass (common.target_pass): its networks run in eval mode, since v_theta is trained with label
+    dropout (for CFG) and a target whose "guided" velocity were unguided for a random tenth of the batch would be
+    noise; and in the target precision (IEEE fp32 under the exact policy), since the target's new information is
+    the step dt/t' (v - w), about 1% of w, the size of bf16's rounding of w."""
+    w_prev = w_net(x0, t, y=y)                                                # sg[w_nu(x0, t')]
+    v = velocity(v_net, flow(w_prev, x0, t, param), t, y, cfg_scale)
     return propagate(w_prev, v, t, dt, param)
 
 
@@ -90,27 +83,24 @@ def propagation_loss(w_model, v_model, x0, t, dt, y=None, param="tw", stop_grad=
     The loss trains nu only: v_theta is evaluated without gradient to theta (theta learns from Eq. 15
     alone). stop_grad=False is the Table 3 ablation: the gradient then also flows through w_nu(x0, t')
     and through x'_t into v_theta's input (not into theta); v_theta still runs in eval mode, as a target pass.
-    There w_nu(x0, t') is both a prediction (its gradient) and part of the target (its value): where the
-    gradient pass does not compute it as a target pass would (--bf16 under the exact policy, TF32), its value
-    comes from a target pass and its gradient from the gradient pass (w + sg(w_exact - w))."""
-    w_net, v_net = common.unwrap(w_model), common.unwrap(v_model)
+    There w_nu(x0, t') is both a prediction (its gradient) and part of the target (its value): its value is
+    the target pass's where the gradient pass does not compute it as a target pass would (--bf16 under the
+    exact policy, TF32), its gradient the gradient pass's (w + sg(w_exact - w))."""
+    w, v_net = common.Passes(w_model), common.unwrap(v_model)         # v_theta only builds the target here
     if stop_grad:
-        target = propagation_target(w_net, v_net, x0, t, dt, y, param, cfg_scale)
-        return mse(w_model(x0, t + dt, y=y), target)
+        return common.mse(w.grad(x0, t + dt, y=y), propagation_target(w.net, v_net, x0, t, dt, y, param, cfg_scale))
     # both w evaluations in one call: DDP allows one forward per backward
     y2 = None if y is None else torch.cat([y, y])
-    w_prev, w_next = w_model(torch.cat([x0, x0]), torch.cat([t, t + dt]), y=y2).chunk(2)
-    return mse(w_next, ablation_target(w_prev, w_net, v_net, x0, t, dt, y, param, cfg_scale))
+    w_prev, w_next = w.grad(torch.cat([x0, x0]), torch.cat([t, t + dt]), y=y2).chunk(2)
+    return common.mse(w_next, ablation_target(w_prev, w.net, v_net, x0, t, dt, y, param, cfg_scale))
 
 
 def ablation_target(w_prev, w_net, v_net, x0, t, dt, y=None, param="tw", cfg_scale=1.0):
     """Table 3's target without stop-gradients: (t' - dt)/t' w_nu(x0, t') + dt/t' v_theta(x'_t, t') with the
-    gradient through w_prev = w_nu(x0, t') of the gradient pass, in both places."""
-    w_prev = common.wide(w_prev)
-    if not common.reuse_for_target(x0):
-        with torch.no_grad(), common.target_precision(x0):
-            w_exact = common.wide(w_net(x0, t, y=y))
-        w_prev = w_prev + (w_exact - w_prev).detach()
+    gradient through w_prev = w_nu(x0, t') of the gradient pass, in both places, and through x'_t into v_theta's
+    input (not its parameters: `frozen`). w_prev's value is the target pass's (Passes.detached); v_theta runs
+    as a target pass would, in eval mode and the target precision, but keeps the graph."""
+    w_prev = w_prev + (common.Passes(w_net).detached(w_prev, x0, t, y=y) - w_prev).detach()
     with common.eval_mode(v_net), common.target_precision(x0):
         v = common.wide(velocity(frozen(v_net), flow(w_prev, x0, t, param), t, y, cfg_scale))
     return propagate(w_prev, v, t, dt, param)
@@ -137,12 +127,23 @@ def draw(x1, y, cfg):
                 t_prime=dt + (1 - 2 * dt) * torch.rand(n, device=dev))
 
 
+def cfm_losses(v_model, batch):
+    """Alg. 1 l.5-7 alone (--update-order paper): Eq. (15) on a (micro-)batch of draws."""
+    L_cfm = cfm_loss(v_model, batch["x1"], batch["x0"], batch["t"], batch["y"])
+    return {"loss": L_cfm, "cfm": L_cfm.detach()}
+
+
+def prop_losses(v_model, w_model, batch, cfg):
+    """Alg. 1 l.10-12 alone (--update-order paper): Eq. (16) on a (micro-)batch of draws."""
+    L_prop = propagation_loss(w_model, v_model, batch["x0"], batch["t_prime"], cfg["dt"], batch["y"], cfg["param"],
+                              cfg["stop_grad"], cfg["cfg_scale"])
+    return {"loss": L_prop, "prop": L_prop.detach()}
+
+
 def direct_losses(v_model, w_model, batch, cfg):
     """One step of Algorithm 1 on a (micro-)batch of draws: both losses (the networks are independent, so
-    one backward of their sum updates each with its own gradient).
-
-    Precision (common.py, "Precision"): the two gradient passes (v_theta on Eq. 15, w_nu at t' + dt) run
-    under --bf16's autocast; the propagation target's passes are target passes (propagation_target)."""
+    one backward of their sum updates each with its own gradient). Gradient passes: v_theta on Eq. (15) and
+    w_nu at t' + dt; target passes: the propagation target (propagation_target)."""
     x1, y, x0 = batch["x1"], batch["y"], batch["x0"]
     L_cfm = cfm_loss(v_model, x1, x0, batch["t"], y)                                   # l.5-7
     L_prop = propagation_loss(w_model, v_model, x0, batch["t_prime"], cfg["dt"], y, cfg["param"],
@@ -216,8 +217,20 @@ def train(cfg):
     for step in run.steps(start):
         x1, y = loader.next()
         batch = draw(x1, y if cfg["class_cond"] else None, cfg)
-        losses = run.update(opt, params, lambda b: direct_losses(v_model, w_model, b, cfg), batch,
-                            emas=[(ema_v, v_net), (ema_w, w_net)])
+        if cfg["update_order"] == "joint":
+            # One AdamW step for both networks (their parameters are disjoint, so each still follows its own
+            # loss): nu's target uses v_theta from before theta's step, a lag of one step against Alg. 1's
+            # order, and the gradient clipping and non-finite skipping act on both together. Measured against
+            # the paper's order (--update-order paper), same seed: toy and digits figures within seed noise
+            # (README, "Direct Models"); the joint step is one guarded update instead of two.
+            losses = run.update(opt, params, lambda b: direct_losses(v_model, w_model, b, cfg), batch,
+                                emas=[(ema_v, v_net), (ema_w, w_net)])
+        else:                                       # Alg. 1: theta's step (l.8), then nu's, with the new v_theta
+            losses = run.update(opt, v_net.parameters(), lambda b: cfm_losses(v_model, b), batch, emas=[(ema_v, v_net)])
+            losses["grad_norm_v"] = losses.pop("grad_norm")
+            prop = run.update(opt, w_net.parameters(), lambda b: prop_losses(v_model, w_model, b, cfg), batch,
+                              emas=[(ema_w, w_net)])
+            losses.update(prop=prop["prop"], grad_norm=prop["grad_norm"], loss=losses["loss"] + prop["loss"])
         run.log(step, losses)
         run.after_step(step, state, sample, data)
     run.finish(f"step{cfg['steps']}", sample, data)
@@ -241,7 +254,7 @@ def sample_only(cfg):
 # Presets (Table 5) and command line
 
 DEFAULTS = dict(dt=0.01, param="tw", stop_grad=True, cfg_scale=1.0, class_dropout=0.0, weight_decay=0.0,
-                euler_steps=[128, 4, 1], nfe=[1])
+                euler_steps=[128, 4, 1], nfe=[1], update_order="joint")
 PRESETS = {
     # Table 5, ImageNet-256 column: DiT-B/2 on 32x32x4 latents, batch 256, 800k steps, CFG 1.5 inside the
     # propagation target, class dropout 0.1, AdamW 5e-5 without weight decay, EMA 0.999.
@@ -278,6 +291,8 @@ def parse_config(argv=None):
       help="classifier-free guidance scale of v_theta in the target (Table 5: 1.5 on ImageNet)")
     a("--class-dropout", type=float, help="label dropout of v_theta (Table 5: 0.1 on ImageNet)")
     a("--weight-decay", type=float, help="AdamW weight decay (Table 5: 0)")
+    a("--update-order", choices=["joint", "paper"], help="joint: one AdamW step for v_theta and w_nu (default); "
+      "paper: Alg. 1's order, theta's step (l.8) before nu's target is formed (l.11-12), then nu's step")
     a("--euler-steps", type=int, nargs="+", help="steps of the v_theta Euler baseline to evaluate (Table 1: 128 4 1)")
 
     def resolve(args):

@@ -33,7 +33,6 @@ from scipy import optimize
 import common
 
 INTERP = common.NoiseAt1()          # x_t = (1 - t) x + t z: data at t = 0, noise at t = 1, u_t = z - x
-wide = common.wide                  # at least fp32: bf16 outputs are widened before the loss algebra
 
 
 # ==============================================================================================
@@ -186,29 +185,16 @@ def sample_times(n, cfg, device):
 # ==============================================================================================
 # The method: the losses
 
-def flow_pair(f, f_minus, x_t, u, t, s, r):
-    """The evaluations of Eq. (5) at x_t and at the Euler step x_r = x_t + (r - t) u_t: returns
-    (F_t, F_t_minus, F_r, x_r) with F_t = f(x_t, t, s) carrying the gradient, F_t_minus its value without
-    gradient, and F_r = f-(x_r, r, s). All see one dropout mask (and label dropout): otherwise their
-    difference, divided by t - r ~ 0.005, would be mask noise. The no-gradient passes run on the module
-    inside DDP, so exactly one forward per backward goes through DDP.
-
-    Precision (common.py, "Precision"): F_t is the gradient pass (bf16 under --bf16); F_r and F_t_minus are
-    target passes (IEEE fp32 under the exact policy), since the residual multiplies their difference by
-    (s - r)/(t - r), up to about 1000. F_t_minus is F_t's own value where the gradient pass computes it as a
-    target pass would (common.reuse_for_target: fp32 on the CPU, or the faster policy); otherwise one more
-    forward computes it."""
+def flow_pair(f, x_t, u, t, s, r):
+    """The evaluations of Eq. (5) at x_t and at the Euler step x_r = x_t + (r - t) u_t, through f, the
+    common.Passes of f_theta: returns (F_t, F_t_minus, F_r, x_r) with F_t = f(x_t, t, s) the gradient pass,
+    F_t_minus its value without gradient and F_r = f-(x_r, r, s), both target passes, since the residual
+    multiplies their difference by (s - r)/(t - r), up to about 1000. All three see one dropout mask (and
+    label dropout): otherwise their difference, divided by t - r ~ 0.005, would be mask noise."""
     x_r = x_t - common.bcast(t - r, x_t) * u
-    same = common.SameRandomness(x_t.device)
-    with same, torch.no_grad(), common.target_precision(x_t):
-        F_r = f_minus(x_r, r, s)                                              # f_theta-(x_r, r, s)
-    with same:
-        F_t = f(x_t, t, s)                                                    # f_theta(x_t, t, s)
-    F_t_minus = F_t.detach()
-    if not common.reuse_for_target(x_t):
-        with same, torch.no_grad(), common.target_precision(x_t):
-            F_t_minus = f_minus(x_t, t, s)                                    # f_theta-(x_t, t, s)
-    return F_t, wide(F_t_minus), wide(F_r), x_r
+    F_r = f.target(x_r, r, s)                                                 # f_theta-(x_r, r, s)
+    F_t = f.grad(x_t, t, s)                                                   # f_theta(x_t, t, s)
+    return F_t, f.detached(F_t, x_t, t, s), F_r, x_r                          # f_theta-(x_t, t, s)
 
 
 def consistency_residual(u, F_t, F_t_minus, F_r, t, s, r):
@@ -218,20 +204,16 @@ def consistency_residual(u, F_t, F_t_minus, F_r, t, s, r):
     g(x_t) - g-(x_r) = (t - r) E once (s - t) f is split as (r - t) f + (s - r) f-), but its value
     stays O(1) instead of O(h). At r = s the last term is zero (the target is x_r itself)."""
     k = torch.where((s < r) & (r < t), (s - r) / (t - r), 0.0)
-    return wide(u) - wide(F_t) + common.bcast(k, u) * (wide(F_t_minus) - wide(F_r))
+    return u - F_t + common.bcast(k, u) * (F_t_minus - F_r)
 
 
-def analytic_residual(f, f_minus, x_t, u, t, s):
+def analytic_residual(f, x_t, u, t, s):
     """Eq. (6) (Table 7j, "Analytic"): E = u_t - f(x_t,t,s) + (s - t) d/dt f-(x_t,t,s), the limit r -> t
-    of Eq. (39). d/dt f- = J_x f- u_t + d_t f- is one forward-mode JVP of f- with tangent (u_t, 1)
-    along the conditional path dx_t/dt = u_t; it runs without graph on the module inside DDP (its
-    weights are stop-gradient), under the gradient pass's dropout mask."""
-    same = common.SameRandomness(x_t.device)
-    with same:
-        _, dF_dt = common.jvp(lambda x, tt: f_minus(x, tt, s), (x_t, t), (u, torch.ones_like(t)))
-    with same:
-        F_t = f(x_t, t, s)
-    return wide(u) - wide(F_t) + common.bcast(s - t, u) * wide(dF_dt)
+    of Eq. (39). d/dt f- = J_x f- u_t + d_t f- is one forward-mode JVP of f- (a target pass) with tangent
+    (u_t, 1) along the conditional path dx_t/dt = u_t, under the gradient pass's dropout mask; f: the
+    common.Passes of f_theta."""
+    _, dF_dt = common.jvp(f.function(s), (x_t, t), (u, torch.ones_like(t)))
+    return u - f.grad(x_t, t, s) + common.bcast(s - t, u) * dF_dt
 
 
 def mmd_particles(x_t, x_r, F_t, F_t_minus, F_r, t, s, r):
@@ -239,8 +221,8 @@ def mmd_particles(x_t, x_r, F_t, F_t_minus, F_r, t, s, r):
         g_t = x_t + (r - t) f(x_t,t,s) + (s - r) f-(x_t,t,s)   (the value of g(x_t,t,s), gradient of (r - t) f),
         g_r = x_r + (s - r) f-(x_r,r,s)                        (g-(x_r,r,s), no gradient),
     so that g_t - g_r = (t - r) E of Eq. (39)."""
-    g_t = wide(x_t) + common.bcast(r - t, x_t) * wide(F_t) + common.bcast(s - r, x_t) * wide(F_t_minus)
-    g_r = wide(x_r) + common.bcast(s - r, x_r) * wide(F_r)
+    g_t = x_t + common.bcast(r - t, x_t) * F_t + common.bcast(s - r, x_t) * F_t_minus
+    g_r = x_r + common.bcast(s - r, x_r) * F_r
     return g_t, g_r
 
 
@@ -262,7 +244,7 @@ def time_aware_mmd(g_t, g_r, t, r, s, lam, m, sigma, time_factor="pair"):
     1/(t - r). Returns (G,)."""
     G = len(g_t) // m
     g_t, g_r = g_t.reshape(G, m, -1), g_r.reshape(G, m, -1)                   # (G, m, D)
-    t, r, s, lam = (wide(v).reshape(G, m) for v in (t, r, s, lam))           # (G, m)
+    t, r, s, lam = (v.reshape(G, m) for v in (t, r, s, lam))                 # (G, m)
 
     def dist(a, b):
         return (a[:, :, None] - b[:, None, :]).norm(dim=-1)                   # (G, m, m)
@@ -286,24 +268,16 @@ def draw(x, y, cfg):
 
 def gcm_losses(model, batch, cfg, eps):
     """The training loss of a (micro-)batch of draws (Table 1, Sections 3.1-3.5): the l2-norm loss (Eq. 39;
-    mmd_group = 1), the time-aware MMD (Eq. 46) or the analytic Eq. (6).
-
-    Precision (common.py, "Precision"): only the gradient pass f(x_t, t, s) runs under --bf16's autocast. The
-    finite difference of Eq. (39) and the MMD particles are built from target passes (flow_pair), and so is
-    the analytic JVP of Eq. (6) (common.jvp)."""
+    mmd_group = 1), the time-aware MMD (Eq. 46) or the analytic Eq. (6). Target passes: both ends of the finite
+    difference of Eq. (39), or the JVP of Eq. (6); the gradient pass: f(x_t, t, s)."""
     y, t, s, weight = batch["y"], batch["t"], batch["s"], batch["weight"]
     x_t, u = INTERP(batch["x"], batch["z"], t)                               # x_t = (1-t) x + t z, u_t = z - x
-
-    def f(xx, tt, ss):
-        return f_theta(model, xx, tt, ss, cfg, y)
-
-    def f_minus(xx, tt, ss):
-        return f_theta(common.unwrap(model), xx, tt, ss, cfg, y)
+    f = common.Passes(model, lambda net, x, t, s: f_theta(net, x, t, s, cfg, y))     # f_theta and f-
     if cfg["jvp"] == "analytic":
-        norm = analytic_residual(f, f_minus, x_t, u, t, s).flatten(1).norm(dim=1)
+        norm = analytic_residual(f, x_t, u, t, s).flatten(1).norm(dim=1)
         return {"loss": (weight * norm).mean(), "residual": norm.mean().detach()}
     r = discretize(t, s, eps, cfg)
-    F_t, F_t_minus, F_r, x_r = flow_pair(f, f_minus, x_t, u, t, s, r)
+    F_t, F_t_minus, F_r, x_r = flow_pair(f, x_t, u, t, s, r)
     if cfg["mmd_group"] == 1:
         norm = consistency_residual(u, F_t, F_t_minus, F_r, t, s, r).flatten(1).norm(dim=1)   # Eq. (39)
         return {"loss": (weight * norm).mean(), "residual": norm.mean().detach()}

@@ -40,12 +40,6 @@ import dit
 # ==============================================================================================
 # The method: TrigFlow, the diffusion objective, the consistency function and the sCM loss
 
-def mse(a, b):
-    """||a - b||^2 / D averaged over the batch, in fp32 at least (float64 stays float64)."""
-    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
-    return (a.to(dtype) - b.to(dtype)).pow(2).mean()
-
-
 def sample_time(n, cfg, device):
     """Alg. 1 l.2: tau ~ N(P_mean, P_std^2), t = arctan(e^tau / sigma_d), i.e. sigma_d tan t is log-normal
     (Eq. 8's text writes e^{sigma_d tan t} ~ N(...), a typo for this EDM proposal)."""
@@ -56,21 +50,20 @@ def sample_time(n, cfg, device):
 def diffusion_loss(model, x0, z, t, sigma_d, y=None):
     """Eq. (4): || sigma_d F_theta(x_t / sigma_d, t) - v_t ||^2 with c_noise(t) = t (Section 4.1)."""
     x_t, v_t = common.TrigFlow(sigma_d)(x0, z, t)
-    return mse(sigma_d * model(x_t / sigma_d, t, y=y), v_t)
+    return common.mse(sigma_d * model(x_t / sigma_d, t, y=y), v_t)
 
 
 @torch.no_grad()
 def teacher_velocity(teacher, x_t, t, sigma_d, y=None, scale=None):
     """PF-ODE Eq. (3): dx_t/dt = sigma_d F_pretrain(x_t / sigma_d, t). With a guidance scale per sample
-    (Section 5.2), classifier-free guidance F_u + scale (F_c - F_u), both branches in one batched call, the
-    difference taken in fp32 at least. In sCD it is a target pass (scm_losses): it enters the tangent as
+    (Section 5.2), classifier-free guidance F_u + scale (F_c - F_u), both branches in one batched call. In sCD
+    it is a target pass (common.target: its network outputs are fp32 there), since it enters the tangent as
     sigma_d F_minus - dx_t/dt, a difference of near-equal velocities (zero when the student equals its teacher)."""
     u = x_t / sigma_d
     if scale is None:
-        return sigma_d * common.wide(teacher(u, t, y=y))
+        return sigma_d * teacher(u, t, y=y)
     null = torch.full_like(y, teacher.null_label)
     F_c, F_u = teacher(torch.cat([u, u]), torch.cat([t, t]), y=torch.cat([y, null])).chunk(2)       # (B, ...) each
-    F_c, F_u = common.wide(F_c), common.wide(F_u)
     return sigma_d * (F_u + common.bcast(scale, F_u) * (F_c - F_u))
 
 
@@ -203,46 +196,30 @@ def draw(x0, y, cfg):
 def scm_losses(model, weight_model, batch, step, cfg, teacher=None):
     """One step of Algorithm 1 (sCT or sCD, continuous or discrete time) on a (micro-)batch of draws.
     model is F_theta (DDP-wrapped in multi-process runs), weight_model is w_phi, teacher is F_pretrain
-    (sCD). Returns scalar tensors.
-
-    Precision (common.py, "Precision"): the gradient pass F_theta (and w_phi) runs under --bf16's autocast;
-    the tangent g is built from target passes: the JVP (common.jvp), the teacher velocity (it is subtracted
-    from sigma_d F_minus) and, in discrete time, both F_minus evaluations of the finite difference, which is
-    divided by sin(t - t'). Under the exact policy those are IEEE fp32."""
+    (sCD). Returns scalar tensors. Target passes: the teacher velocity, the JVP of F_minus and, in discrete
+    time, both F_minus evaluations of the finite difference; the gradient pass: F_theta (and w_phi)."""
     sigma_d = cfg["sigma_d"]
     x0, y, t, t_prev, scale = batch["x0"], batch["y"], batch["t"], batch["t_prev"], batch["scale"]
     x_t, v_t = common.TrigFlow(sigma_d)(x0, batch["z"], t)                 # l.3
     if cfg["mode"] == "sct":
         dxdt = v_t                                                          # l.4: cos t z - sin t x0
     else:
-        with common.target_precision(x_t):
-            dxdt = teacher_velocity(teacher, x_t, t, sigma_d, y, scale)     # l.4: sigma_d F_pretrain (+ CFG)
+        dxdt = common.target(teacher_velocity, teacher, x_t, t, sigma_d, y, scale)   # l.4: sigma_d F_pretrain (+ CFG)
     r = min(1.0, step / cfg["warmup_iters"]) if cfg["warmup_iters"] else 1.0   # l.5: tangent warmup
-    # The JVP (or the no-grad pass at t') runs on the module inside DDP with stop-gradient weights; the
-    # pass that produces parameter gradients goes through DDP. Both start from one RNG snapshot, so they
-    # see the same dropout mask and F_theta - F_minus carries no mask noise.
-    net = common.unwrap(model)
-    same = common.SameRandomness(x0.device)
+    F = common.Passes(model)                # F_theta and F_minus (its stop-gradient copy), one dropout mask
     if not cfg["discrete_steps"]:
-        with same:
-            _, g = tangent(lambda u, s: net(u, s, y=y, w=scale), x_t, t, dxdt, sigma_d, r)
-    with same:
-        F_theta = model(x_t / sigma_d, t, y=y, w=scale)                       # (B, ...) with gradient
+        _, g = tangent(F.function(y=y, w=scale), x_t, t, dxdt, sigma_d, r)     # l.5-6: the JVP of F_minus
+    F_theta = F.grad(x_t / sigma_d, t, y=y, w=scale)                        # (B, ...) with gradient
     if cfg["discrete_steps"]:
         x_prev = ddim_step(x_t, t, t_prev, dxdt)
-        F_minus = F_theta.detach()
-        if not common.reuse_for_target(x_t):                       # F_theta ran in bf16 (or TF32): run F_minus
-            with same, torch.no_grad(), common.target_precision(x_t):
-                F_minus = net(x_t / sigma_d, t, y=y, w=scale)
-        with same, torch.no_grad(), common.target_precision(x_t):
-            F_minus_prev = net(x_prev / sigma_d, t_prev, y=y, w=scale)
-        g = discrete_tangent(common.wide(F_minus), common.wide(F_minus_prev), x_t, t, t_prev, dxdt, sigma_d, r)
+        F_minus = F.detached(F_theta, x_t / sigma_d, t, y=y, w=scale)
+        F_minus_prev = F.target(x_prev / sigma_d, t_prev, y=y, w=scale)
+        g = discrete_tangent(F_minus, F_minus_prev, x_t, t, t_prev, dxdt, sigma_d, r)
     g_rms = per_sample_norm(g) / math.sqrt(g[0].numel())
     g = normalize_tangent(g, cfg["tangent"], cfg["tangent_c"], cfg["tangent_norm"])   # l.7
     # F_minus in Eq. (8)'s difference F_theta - F_minus is F_theta's own value with the gradient stopped:
     # the difference is then exactly zero, whatever precision the pass ran in, and the gradient is -g times
     # e^{w_phi}/D, Eq. (2)'s direction.
-    F_theta = common.wide(F_theta)
     err = (F_theta - F_theta.detach() - g).pow(2).flatten(1).mean(1)        # ||.||^2 / D per sample, (B,)
     w_phi = weight_model(t) if weight_model is not None else torch.zeros_like(err)    # w_phi = 0: Fig. 5b "w/o"
     loss = (torch.exp(w_phi) * err - w_phi).mean()                         # l.8, Eq. (8)

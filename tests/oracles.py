@@ -131,3 +131,20 @@ def noise(n, seed=1, device="cpu"):
 
 def pi_half():
     return math.pi / 2
+
+
+def jvp_finite_difference(fn, primals, tangents, eps=1e-3):
+    """Central finite difference (f(p + eps v) - f(p - eps v)) / (2 eps), O(eps^2), against which the analytic
+    JVPs are checked: (f(p), the difference). All three evaluations see the same random draws (dropout), so the
+    difference measures the function only; IEEE fp32 at least, autocast off."""
+    with torch.no_grad(), torch.autocast(primals[0].device.type, enabled=False), common.ieee_fp32():
+        same = common.SameRandomness(primals[0].device)
+        primals, tangents = tuple(map(common.wide, primals)), tuple(map(common.wide, tangents))
+        shifted = [tuple(p + sign * eps * t for p, t in zip(primals, tangents)) for sign in (1, -1)]
+        with same:
+            out = fn(*primals)
+        with same:
+            plus = fn(*shifted[0])
+        with same:
+            minus = fn(*shifted[1])
+        return out, (plus - minus) / (2 * eps)

@@ -7,6 +7,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 import common
+from oracles import jvp_finite_difference
 import dit
 
 
@@ -201,7 +202,7 @@ def test_jvp_through_dit_matches_finite_differences():
     model, x, t, s, y, tangents = _dit_and_inputs()
     out, tangent = common.jvp(lambda a, b, c: model(a, b, c, y), (x, t, s), tangents)
     m64 = copy.deepcopy(model).double()
-    out64, fd = common.jvp_finite_difference(lambda a, b, c: m64(a, b, c, y), (x.double(), t.double(), s.double()),
+    out64, fd = jvp_finite_difference(lambda a, b, c: m64(a, b, c, y), (x.double(), t.double(), s.double()),
                                              tuple(v.double() for v in tangents), eps=1e-6)
     assert not out.requires_grad and not tangent.requires_grad
     assert tangent.abs().mean() > 1e-2                          # a non-trivial tangent
@@ -219,7 +220,7 @@ def test_finite_difference_helper_is_second_order():
     p = (torch.tensor([0.3, -0.7], dtype=torch.float64), torch.tensor([0.2, 0.1], dtype=torch.float64))
     v = (torch.tensor([1.0, 0.5], dtype=torch.float64), torch.tensor([-0.3, 2.0], dtype=torch.float64))
     _, exact = common.jvp(fn, p, v)
-    errs = [(common.jvp_finite_difference(fn, p, v, eps)[1] - exact).abs().max() for eps in (1e-2, 5e-3)]
+    errs = [(jvp_finite_difference(fn, p, v, eps)[1] - exact).abs().max() for eps in (1e-2, 5e-3)]
     assert 3.5 < errs[0] / errs[1] < 4.5
 
 

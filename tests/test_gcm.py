@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import common
+from oracles import jvp_finite_difference
 import gcm
 from conftest import ROOT, assert_states_equal, check_ddp_step, cpu_env, load_state, run_cli
 
@@ -45,7 +46,7 @@ def test_finite_difference_residual_is_first_order(vu):
     for eps in (0.02, 0.01):
         r = gcm.discretize(t, s, eps, cfg)
         assert torch.allclose(t - r, eps * torch.exp(-3.5 * t))
-        F_t, F_t_minus, F_r, x_r = gcm.flow_pair(exact_f, exact_f, x_t, v, t, s, r)
+        F_t, F_t_minus, F_r, x_r = gcm.flow_pair(common.Passes(exact_f), x_t, v, t, s, r)
         res.append(gcm.consistency_residual(v, F_t, F_t_minus, F_r, t, s, r).norm(dim=1).max())
     print(f"Eq. (39) residual at eps 0.02 / 0.01: {res[0]:.2e} / {res[1]:.2e}")
     assert 1.9 < res[0] / res[1] < 2.1
@@ -56,11 +57,11 @@ def test_analytic_residual_vanishes(vu):
     """Eq. (6) with the exact flow map: g(x_t, t, s) is constant along the trajectory, so
     v - f + (s - t) df/dt = 0 to float64 round-off (the JVP differentiates through flow_map)."""
     x_t, t, s, v = oracle_batch(vu=vu)
-    E = gcm.analytic_residual(exact_f, exact_f, x_t, v, t, s)
+    E = gcm.analytic_residual(common.Passes(exact_f), x_t, v, t, s)
     print(f"Eq. (6) residual: {E.abs().max():.2e}")
     assert E.abs().max() < 1e-10
     # the same with an off-trajectory velocity is far from zero: the check has power
-    assert gcm.analytic_residual(exact_f, exact_f, x_t, v + 0.1, t, s).abs().max() > 0.05
+    assert gcm.analytic_residual(common.Passes(exact_f), x_t, v + 0.1, t, s).abs().max() > 0.05
 
 
 def toy_cfg(*flags):
@@ -89,7 +90,7 @@ def test_eq39_has_the_gradient_of_eq5():
 
     def f(x, tt, ss):
         return gcm.f_theta(net, x, tt, ss, cfg)
-    F_t, F_t_minus, F_r, x_r = gcm.flow_pair(f, f, x_t, u, t, s, r)
+    F_t, F_t_minus, F_r, x_r = gcm.flow_pair(common.Passes(f), x_t, u, t, s, r)
     loss39 = (w * gcm.consistency_residual(u, F_t, F_t_minus, F_r, t, s, r).norm(dim=1)).mean()
     grad39 = torch.autograd.grad(loss39, list(net.parameters()), retain_graph=True)
     g_t = x_t + common.bcast(s - t, x_t) * F_t                                   # g_theta(x_t, t, s), Eq. (3)
@@ -112,15 +113,15 @@ def test_network_jvp_matches_finite_differences_under_dropout():
     def f(x, tt, ss):
         return gcm.f_theta(net, x, tt, ss, cfg)
     torch.manual_seed(7)
-    E6 = gcm.analytic_residual(f, f, x_t, u, t, s)
+    E6 = gcm.analytic_residual(common.Passes(f), x_t, u, t, s)
     torch.manual_seed(7)                                  # the same dropout mask as the JVP's
-    F, dF = common.jvp_finite_difference(lambda x, tt: f(x, tt, s), (x_t, t), (u, torch.ones_like(t)), eps=1e-5)
+    F, dF = jvp_finite_difference(lambda x, tt: f(x, tt, s), (x_t, t), (u, torch.ones_like(t)), eps=1e-5)
     assert torch.allclose(E6, u - F + common.bcast(s - t, u) * dF, atol=1e-7)
     gaps = []
     for eps in (2e-3, 1e-3):
         r = gcm.discretize(t, s, eps, cfg)
         torch.manual_seed(7)
-        E39 = gcm.consistency_residual(u, *gcm.flow_pair(f, f, x_t, u, t, s, r)[:3], t, s, r)
+        E39 = gcm.consistency_residual(u, *gcm.flow_pair(common.Passes(f), x_t, u, t, s, r)[:3], t, s, r)
         gaps.append((E39 - E6).abs().max())
     assert gaps[1] < 0.02 and 1.8 < gaps[0] / gaps[1] < 2.2
 

@@ -81,11 +81,11 @@ def gcm_targets(variant, ctx, dtype, device="cpu"):
     f = lambda xx, tt, ss: gcm.f_theta(net, xx, tt, ss, cfg)                            # noqa: E731
     xt, vv, tt, ss, rr = (a.to(dtype) for a in (x_t, v, t, s, r))
     with ctx():
-        F_t, F_t_minus, F_r, x_r = gcm.flow_pair(f, f, xt, vv, tt, ss, rr)
+        F_t, F_t_minus, F_r, x_r = gcm.flow_pair(common.Passes(f), xt, vv, tt, ss, rr)
         k = torch.where((ss < rr) & (rr < tt), (ss - rr) / (tt - rr), 0.0)
         T = vv + common.bcast(k, vv) * (F_t_minus - F_r)                                   # E + f(x_t, t, s)
         g_t, g_r = gcm.mmd_particles(xt, x_r, F_t, F_t_minus, F_r, tt, ss, rr)
-        P = g_t - g_r - common.bcast(rr - tt, xt) * gcm.wide(F_t)                           # (t - r) T
+        P = g_t - g_r - common.bcast(rr - tt, xt) * common.wide(F_t)                           # (t - r) T
     return T.double(), P.double()
 
 
