@@ -110,8 +110,11 @@ def calibrate_eta(teacher, data, cfg, device, batches=8, batch=64, seed=0):
 
 def adaptive_loss(residual, p, c, sample_weight=None):
     """Section 4.4, adaptive loss weighting (MeanFlow/FACM): d / sg(d + c)^p per sample, d the mean square of
-    residual = prediction - target; p = 0.5 makes it a pseudo-Huber loss, p = 0 plain MSE. Used as d_1 and
-    d_3 of Alg. 1; sample_weight [B] multiplies each sample's term."""
+    residual = prediction - target; p = 0.5 makes it a pseudo-Huber loss, p = 0 plain MSE. sample_weight [B]
+    multiplies each sample's term. Not in the paper, our choices: d is the mean over elements and c = 1e-3,
+    as in FACM's code (https://github.com/ali-vilab/FACM, losses.py); and it weighs d_1 (L_cm) and d_3
+    (L_n2n), the self-supervised terms whose size varies, while d_2 (L_fm, Eq. 17) keeps its plain MSE +
+    cosine form, as Eq. (17) writes it."""
     d = residual.pow(2).flatten(1).mean(1)                                 # (B,)
     per_sample = d / (d.detach() + c).pow(p)
     return (per_sample if sample_weight is None else per_sample * sample_weight).mean()
@@ -142,7 +145,11 @@ def cosine_loss(pred, target):
 
 
 def fm_loss(F_fm, v_t, cos_weight=1.0):
-    """d_2 of Alg. 1 l.14, Eq. (17): ||F(z_t, t, t) - v_t||^2 + L_cos(F(z_t, t, t), v_t)."""
+    """d_2 of Alg. 1 l.14, Eq. (17): ||F(z_t, t, t) - v_t||^2 + L_cos(F(z_t, t, t), v_t), with the squared norm
+    taken as the mean over elements, as FACM's code (DE-CM's parent) computes it
+    (https://github.com/ali-vilab/FACM, losses.py). The convention sets the balance of the two terms: a summed
+    norm would weigh the MSE D times more against the cosine, which lies in [0, 2] (D = 8192 on the paper's
+    32x16x16 latents); the paper prints only the norm."""
     mse = (F_fm - v_t).pow(2).flatten(1).mean(1)                             # (B,)
     return (mse + cos_weight * cosine_loss(F_fm, v_t) if cos_weight else mse).mean()
 
@@ -402,7 +409,9 @@ def sample_mix(F_net, x, nfe, y=None, generator=None, split=1, first="euler"):
 
 @torch.no_grad()
 def sample_auto(F_net, x, nfe, y=None, generator=None, split=1):
-    """The paper's choice per budget (Section 4.5, Tables 3-4): CM for 1-2 NFE, Mix for 3-16, Euler above."""
+    """The paper's choice per budget (Section 4.5): CM for 1-2 NFE, Mix for 4-16, Euler above 16. 3 NFE is in
+    none of the paper's ranges; we give it to Mix, the sampler made for the budgets where the CM sampler's
+    re-noising accumulates error (Table 4)."""
     if nfe <= 2:
         return sample_cm(F_net, x, nfe, y, generator)
     if nfe <= 16:
@@ -645,7 +654,8 @@ def parse_config(argv=None):
     a("--samplers", nargs="*", choices=list(SAMPLERS), help="extra samplers evaluated over --nfe (Table 4): "
       "cm (Fig. 5b), mix (Fig. 5c: Euler steps, then CM), mix-flowmap (flow-map steps, then CM), euler on "
       "F(x,t,t) (Fig. 5a); the main one picks per NFE")
-    a("--mix-split", type=int, help="deterministic steps of the Mix sampler before its CM steps (default 1)")
+    a("--mix-split", type=int, help="deterministic steps of the Mix sampler before its CM steps (default 1: our "
+      "choice, the paper does not give the split)")
 
     def resolve(args):
         given = {k: v for k, v in vars(args).items() if v is not None}

@@ -176,6 +176,9 @@ def sample_times(n, cfg, device):
     weight = loss_weight(t, cfg) / (p.pdf(t64) * (tT - s.double())).float()
     if cfg["p_diag"] > 0:
         diag = torch.rand(k, device=device) < cfg["p_diag"]
+        # App. G.2 writes "their log-normal distribution (lognorm(-0.4, 1.0))". We read it as MeanFlow's time
+        # sampler (arXiv 2505.13447), which its PyTorch reimplementations compute as t = sigmoid(n), n ~ N(-0.4, 1):
+        # a logit-normal under the name lognorm. A log-normal t (e^n) would fall outside [0, 1] a third of the time.
         t_diag = common.LogitNormal(cfg["diag_mean"], cfg["diag_std"], t0, tT).sample(k, device)
         t, s = torch.where(diag, t_diag, t), torch.where(diag, t_diag, s)
         weight = torch.where(diag, loss_weight(t, cfg), weight)
@@ -226,10 +229,10 @@ def mmd_particles(x_t, x_r, F_t, F_t_minus, F_r, t, s, r):
     return g_t, g_r
 
 
-def time_aware_mmd(g_t, g_r, t, r, s, lam, m, sigma, time_factor="pair"):
+def time_aware_mmd(g_t, g_r, t, r, s, row_weight, m, sigma, time_factor="pair"):
     """The time-aware MMD of Eq. (46) per group of m consecutive samples, with the kernel of Eq. (44),
     k((x1,t1,s1), (x2,t2,s2)) = -||x1 - x2||_2 exp(-(|t1 - t2| + |s1 - s2|) / sigma):
-        L_i = 1/m^2 sum_j lam_j sum_k c_jk (2 ||g_t^j - g_r^k|| - ||g_t^j - g_t^k|| - ||g_r^j - g_r^k||),
+        L_i = 1/m^2 sum_j rho_j sum_k c_jk (2 ||g_t^j - g_r^k|| - ||g_t^j - g_t^k|| - ||g_r^j - g_r^k||),
     g_t^j the particle g(x_t, t, s) of sample j and g_r^k = g-(x_r, r, s) of sample k (Eq. 40).
 
     time_factor="pair" (default) is Eq. (46) as printed: one factor per pair (j, k),
@@ -238,13 +241,13 @@ def time_aware_mmd(g_t, g_r, t, r, s, lam, m, sigma, time_factor="pair"):
     for any times. "particle" applies Eq. (44) to each compared pair with the particles' own times,
     (t^j, t^k), (r^j, r^k) and (t^j, r^k), as Eq. (45) reads: the three terms are then weighted
     differently and the loss does not vanish at the exact map (about 1e-3 at r = t - h(t)).
-    Neither form is an MMD^2 in general (the rows are weighted by lam_j and c_jk is not symmetric): either
+    Neither form is an MMD^2 in general (the rows are weighted by rho_j and c_jk is not symmetric): either
     can be negative away from the solution. sigma = inf drops the time factor (IMM's shared-time
-    comparison, Table 7i). lam_j = w(t^j, s^j) / (t^j - r^j) is Eq. (46)'s row weight with Eq. (40)'s
+    comparison, Table 7i). rho_j = row_weight_j = w(t^j, s^j) / (t^j - r^j) is Eq. (46)'s row weight with Eq. (40)'s
     1/(t - r). Returns (G,)."""
     G = len(g_t) // m
     g_t, g_r = g_t.reshape(G, m, -1), g_r.reshape(G, m, -1)                   # (G, m, D)
-    t, r, s, lam = (v.reshape(G, m) for v in (t, r, s, lam))                 # (G, m)
+    t, r, s, rho = (v.reshape(G, m) for v in (t, r, s, row_weight))                 # (G, m)
 
     def dist(a, b):
         return (a[:, :, None] - b[:, None, :]).norm(dim=-1)                   # (G, m, m)
@@ -255,7 +258,7 @@ def time_aware_mmd(g_t, g_r, t, r, s, lam, m, sigma, time_factor="pair"):
         rows = factor(t, r) * (2 * dist(g_t, g_r) - dist(g_t, g_t) - dist(g_r, g_r))
     else:                                                                     # Eq. (44) per compared pair
         rows = 2 * factor(t, r) * dist(g_t, g_r) - factor(t, t) * dist(g_t, g_t) - factor(r, r) * dist(g_r, g_r)
-    return (lam[:, :, None] * rows).sum((1, 2)) / m ** 2                      # (G,)
+    return (rho[:, :, None] * rows).sum((1, 2)) / m ** 2                      # (G,)
 
 
 def draw(x, y, cfg):
@@ -282,8 +285,9 @@ def gcm_losses(model, batch, cfg, eps):
         norm = consistency_residual(u, F_t, F_t_minus, F_r, t, s, r).flatten(1).norm(dim=1)   # Eq. (39)
         return {"loss": (weight * norm).mean(), "residual": norm.mean().detach()}
     g_t, g_r = mmd_particles(x_t, x_r, F_t, F_t_minus, F_r, t, s, r)
-    lam = torch.where(t > r, weight / (t - r), 0.0)
-    loss = time_aware_mmd(g_t, g_r, t, r, s, lam, cfg["mmd_group"], cfg["mmd_sigma"], cfg["mmd_time_factor"]).mean()
+    row_weight = torch.where(t > r, weight / (t - r), 0.0)                   # Eq. (46)'s w(t, s) / (t - r)
+    loss = time_aware_mmd(g_t, g_r, t, r, s, row_weight, cfg["mmd_group"], cfg["mmd_sigma"],
+                          cfg["mmd_time_factor"]).mean()
     return {"loss": loss, "residual": ((g_t - g_r).flatten(1).norm(dim=1) / (t - r).clamp_min(1e-12)).mean().detach()}
 
 
