@@ -2386,13 +2386,12 @@ class Run:
         data = common.load_dataset(...)                  # every check that can fail comes first
         run = Run(cfg)                                   # checks the run folder; creates nothing
         ...                                              # models, EMA, optimizer, loader
-        start = run.start(state)                         # --resume or a fresh folder; OUT is created here
+        start = run.start(state, describe, samplers, data)   # --resume or a fresh folder; OUT is created here
         for step in run.steps(start):
             batch = ...                                  # this rank's batch and its random draws
             losses = run.update(opt, params, loss_fn, batch, emas)
-            run.log(step, losses)
-            run.after_step(step, state, samplers, data)  # grids, checkpoints, snapshots, stop signals
-        run.finish(...)
+            run.end_step(step, losses)                   # logs, grids, checkpoints, snapshots, stop signals
+        run.finish()                                     # grids and eval.json of the final EMA weights
     """
 
     def __init__(self, cfg, resumable=(), data=None):
@@ -2437,14 +2436,17 @@ class Run:
         self._wrapped, self._signal, self._old_handlers = [], 0, {}
         self._acc, self._acc_n, self._t_last, self._lr, self._last_step = {}, 0, time.time(), None, 0
         self._timed_n, self._first_step_sec = 0, None
-        self._bar = None
+        self._bar = self._state = self._samplers = self._data = None
         self.logger = JSONLLogger(os.path.join(self.out, "log.jsonl"), self.is_main)
 
     # -- start ---------------------------------------------------------------------------------
-    def start(self, state, describe=""):
-        """Before the first step: with --resume, restore OUT/ckpt.pt into `state`; then create OUT (removing
-        temporary files that killed processes left), cut log.jsonl back to the restored step, write
-        config.json, print what runs where, and catch the stop signals. Returns the first step."""
+    def start(self, state, describe="", samplers=None, data=None):
+        """Before the first step: with --resume, restore OUT/ckpt.pt into `state` (what checkpoints hold); then
+        create OUT (removing temporary files that killed processes left), cut log.jsonl back to the restored
+        step, write config.json, print what runs where, and catch the stop signals. `samplers` ({name:
+        (sample_fn, nfes)}) and `data` are what end_step's grids and finish's evaluation draw. Returns the
+        first step."""
+        self._state, self._samplers, self._data = state, samplers, data
         self.lock.acquire()
         start = self.restore(state) if self.cfg.get("resume") else 0
         if self.is_main:
@@ -2583,7 +2585,7 @@ class Run:
 
     def steps(self, start):
         """The steps start .. steps-1; on rank 0 in a terminal, with a progress bar showing the main losses
-        and kimg/s. While it runs, SIGTERM, SIGUSR1 and SIGINT only set a flag that after_step acts on."""
+        and kimg/s. While it runs, SIGTERM, SIGUSR1 and SIGINT only set a flag that end_step acts on."""
         it = range(start, self.cfg["steps"])
         if self.is_main and sys.stderr.isatty():
             from tqdm import tqdm
@@ -2709,7 +2711,7 @@ class Run:
         return ckpt["step"]
 
     def _catch_signals(self):
-        """SIGTERM / SIGUSR1 / SIGINT only set a flag; the loop stops at the end of the step (after_step)."""
+        """SIGTERM / SIGUSR1 / SIGINT only set a flag; the loop stops at the end of the step (end_step)."""
         if threading.current_thread() is not threading.main_thread():
             return
         for name in STOP_SIGNALS:
@@ -2736,10 +2738,13 @@ class Run:
         tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
         return int(flag)
 
-    def after_step(self, step, state, sample, data):
-        """The loop's bookkeeping after update `step` (0-based): grids every sample_every updates; a snapshot
-        each time the images seen pass a multiple of snapshot_every thousand; a checkpoint every ckpt_every
-        updates, after the last one, and when a stop signal arrived, after which the run stops."""
+    def end_step(self, step, losses):
+        """The loop's bookkeeping after update `step` (0-based): its losses logged (log); grids every
+        sample_every updates; a snapshot each time the images seen pass a multiple of snapshot_every thousand; a
+        checkpoint every ckpt_every updates, after the last one, and when a stop signal arrived, after which the
+        run stops."""
+        self.log(step, losses)
+        state, sample, data = self._state, self._samplers, self._data
         done = step + 1
         cfg = self.cfg
         stop = self._stop_requested()
@@ -2827,9 +2832,12 @@ class Run:
         labels = None if parts[0][2] is None else np.concatenate([p[2] for p in parts])
         return np.concatenate([p[1] for p in parts]), labels
 
-    def finish(self, tag, sample, data, close=True):
-        """End of a run (or of --sample-only): grids tagged `tag`, eval.json; then the signals, the thread
-        count and (with close) the process group are released."""
+    def finish(self, tag=None, sample=None, data=None, close=True):
+        """End of a run (or of --sample-only): grids tagged `tag` (default step<steps>), eval.json, from the
+        samplers and data given to start unless given here; then the signals, the thread count and (with
+        close) the process group are released."""
+        tag = tag or f"step{self.cfg['steps']}"
+        sample, data = (self._samplers, self._data) if sample is None else (sample, data)
         self._release_signals()
         if self._bar is not None:
             self._bar.close()
@@ -2949,6 +2957,21 @@ class Run:
         if tdist.is_initialized():
             tdist.barrier()
             tdist.destroy_process_group()
+
+
+def sample_only(cfg, networks, samplers):
+    """--sample-only, for every method: the EMA weights of --ckpt in the networks networks(cfg, data) builds
+    ({the key of their state in the checkpoint: module}), then the grids, the --npz / --png-dir exports and the
+    evaluation of samplers(those networks, cfg, data, device), into --out."""
+    data = load_dataset(cfg["dataset"], cfg["data_path"], cfg["vae"])
+    run = Run(cfg, data=data)
+    ckpt = load_checkpoint(cfg["ckpt"], cfg["method"])
+    nets = networks(cfg, data)
+    for key, net in nets.items():
+        load_state(net, ckpt, key, cfg["ckpt"])
+    sample = samplers({key: net.to(run.device).eval() for key, net in nets.items()}, cfg, data, run.device)
+    run.export(sample, data)
+    run.finish("sample", sample, data)
 
 
 def build_backbone(cfg, data, **kwargs):

@@ -423,10 +423,10 @@ SAMPLERS = {"cm": sample_cm, "mix": sample_mix, "mix-flowmap": functools.partial
             "euler": sample_euler}
 
 
-def samplers(net, cfg, data, device):
-    """{name: (sample_fn, nfes)} for common.Run.save_samples/evaluate. The student: "" is sample_auto,
+def samplers(nets, cfg, data, device):
+    """{name: (sample_fn, nfes)} for common.Run, on the EMA weights nets["ema"]. The student: "" is sample_auto,
     plus the --samplers named (Table 4). The teacher: Euler on F(x, t) with plain CFG (Eq. 18)."""
-    shape = data.shape
+    net, shape = nets["ema"], data.shape
     if cfg["role"] == "teacher":
         def F_net(x, t, s, y):
             return guided_velocity(net, x, t, y, cfg["w_cfg"], normalize=False)
@@ -487,11 +487,10 @@ def train(cfg, close=True):
     loader = common.Loader(data, run.batch_per_rank, run.dist, cfg["seed"], cfg["xflip"])
     state = dict(model=net, ema=ema, opt=opt, loader=loader, guidance=guidance)
     start = run.start(state, "(flow-matching teacher, Eq. 3)" if role == "teacher" else
-                      f"(student: {','.join(cfg['losses'])})")
+                      f"(student: {','.join(cfg['losses'])})", samplers({"ema": ema.model}, cfg, data, run.device), data)
     if guidance["eta"] == "auto" and teacher is not None and cfg["w_cfg"] != 1 and cfg["velocity_norm"]:
         guidance["eta"] = calibrate_eta(teacher, data, cfg, run.device)
         run.note(f"eta = {guidance['eta']:.4g}: the teacher's mean RMS of v_cond - v_uncond (Alg. 1 l.6, calibrated)")
-    sample = samplers(ema.model, cfg, data, run.device)
     main_loss = teacher_loss if role == "teacher" else cd_fm_loss
     held = {}                                 # the latest N2N update's figures, logged at every step
     for step in run.steps(start):
@@ -508,9 +507,8 @@ def train(cfg, close=True):
                               batch, emas=[(ema, net)])
             held["grad_norm_n2n"] = held.pop("grad_norm")
             held.pop("loss")
-        run.log(step, {**losses, **held, **guidance.logged()})
-        run.after_step(step, state, sample, data)
-    run.finish(f"step{cfg['steps']}", sample, data, close)
+        run.end_step(step, {**losses, **held, **guidance.logged()})
+    run.finish(close=close)
 
 
 def train_teacher_first(cfg, argv):
@@ -531,18 +529,6 @@ def train_teacher_first(cfg, argv):
     cfg["teacher"] = path
     cfg["resume"] = cfg["resume"] and os.path.isfile(os.path.join(cfg["out"], "ckpt.pt"))
     inherit_from_teacher(cfg, {})
-
-
-def sample_only(cfg):
-    """--sample-only: grids, --npz / --png-dir exports and the evaluation from the EMA weights of --ckpt."""
-    data = common.load_dataset(cfg["dataset"], cfg["data_path"], cfg["vae"])
-    run = common.Run(cfg, data=data)
-    ckpt = common.load_checkpoint(cfg["ckpt"], "decm")
-    net = build_net(cfg, data, cfg["role"])
-    common.load_state(net, ckpt, "ema", cfg["ckpt"])
-    sample = samplers(net.to(run.device).eval(), cfg, data, run.device)
-    run.export(sample, data)
-    run.finish("sample", sample, data)
 
 
 # ==============================================================================================
@@ -717,7 +703,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = parse_config(argv)
     if cfg["sample_only"]:
-        return sample_only(cfg)
+        return common.sample_only(cfg, lambda cfg, data: {"ema": build_net(cfg, data, cfg["role"])}, samplers)
     if cfg["role"] == "student" and not cfg["teacher"] and cfg["teacher_steps"] > 0:
         # the two stages are one run: --resume continues whichever was interrupted, and OUT is refused
         # (before the teacher starts) if it already holds a finished run and --resume is missing

@@ -178,9 +178,9 @@ def sample_euler(v_model, x0, steps, y=None, cfg_scale=1.0):
     return x
 
 
-def samplers(ema_v, ema_w, cfg, data, device):
-    """{name: (sample_fn, nfes)} for common.Run.save_samples/evaluate, on the EMA weights."""
-    shape = data.shape
+def samplers(nets, cfg, data, device):
+    """{name: (sample_fn, nfes)} for common.Run, on the EMA weights nets["ema_v"] and nets["ema_w"]."""
+    ema_v, ema_w, shape = nets["ema_v"], nets["ema_w"], data.shape
 
     def direct(n, nfe, labels, g):
         return sample_direct(ema_w, common.randn((n, *shape), g, device), labels, cfg["param"])
@@ -212,8 +212,8 @@ def train(cfg):
     opt = common.make_optimizer("adamw", params, cfg["lr"], weight_decay=cfg["weight_decay"])
     loader = common.Loader(data, run.batch_per_rank, run.dist, cfg["seed"], cfg["xflip"])
     state = dict(v=v_net, w=w_net, ema_v=ema_v, ema_w=ema_w, opt=opt, loader=loader)
-    start = run.start(state, "(Direct Models: v_theta and w_nu)")
-    sample = samplers(ema_v.model, ema_w.model, cfg, data, run.device)
+    start = run.start(state, "(Direct Models: v_theta and w_nu)",
+                      samplers({"ema_v": ema_v.model, "ema_w": ema_w.model}, cfg, data, run.device), data)
     for step in run.steps(start):
         x1, y = loader.next()
         batch = draw(x1, y if cfg["class_cond"] else None, cfg)
@@ -231,23 +231,8 @@ def train(cfg):
             prop = run.update(opt, w_net.parameters(), lambda b: prop_losses(v_model, w_model, b, cfg), batch,
                               emas=[(ema_w, w_net)])
             losses.update(prop=prop["prop"], grad_norm=prop["grad_norm"], loss=losses["loss"] + prop["loss"])
-        run.log(step, losses)
-        run.after_step(step, state, sample, data)
-    run.finish(f"step{cfg['steps']}", sample, data)
-
-
-def sample_only(cfg):
-    """--sample-only: grids, --npz / --png-dir exports and the evaluation from the EMA weights of --ckpt."""
-    data = common.load_dataset(cfg["dataset"], cfg["data_path"], cfg["vae"])
-    run = common.Run(cfg, data=data)
-    ckpt = common.load_checkpoint(cfg["ckpt"], "direct")
-    v_net, w_net = build_models(cfg, data)
-    common.load_state(v_net, ckpt, "ema_v", cfg["ckpt"])
-    common.load_state(w_net, ckpt, "ema_w", cfg["ckpt"])
-    v_net, w_net = v_net.to(run.device).eval(), w_net.to(run.device).eval()
-    sample = samplers(v_net, w_net, cfg, data, run.device)
-    run.export(sample, data)
-    run.finish("sample", sample, data)
+        run.end_step(step, losses)
+    run.finish()
 
 
 # ==============================================================================================
@@ -319,7 +304,10 @@ def parse_config(argv=None):
 
 def main(argv=None):
     cfg = parse_config(argv)
-    return sample_only(cfg) if cfg["sample_only"] else train(cfg)
+    if cfg["sample_only"]:
+        return common.sample_only(cfg, lambda cfg, data: dict(zip(("ema_v", "ema_w"), build_models(cfg, data))),
+                                  samplers)
+    return train(cfg)
 
 
 if __name__ == "__main__":

@@ -324,10 +324,10 @@ def sample_pushforward(f, x, times):
     return x
 
 
-def samplers(net, cfg, data, device):
-    """{name: (sample_fn, nfes)} for common.Run.save_samples/evaluate. Sampling starts at x_tT = tT z,
+def samplers(nets, cfg, data, device):
+    """{name: (sample_fn, nfes)} for common.Run, on the EMA weights nets["ema"]. Sampling starts at x_tT = tT z,
     the interpolant at tT with the unknown (1 - tT) x = 0.006 x left out."""
-    shape = data.shape
+    net, shape = nets["ema"], data.shape
 
     def sample(n, nfe, labels, g):
         f = lambda x, t, s: f_theta(net, x, t, s, cfg, labels)                   # noqa: E731
@@ -362,8 +362,7 @@ def train(cfg):
     opt = common.make_optimizer(cfg["optimizer"], net.parameters(), cfg["lr"], betas=tuple(cfg["betas"]))
     loader = common.Loader(data, run.batch_per_rank, run.dist, cfg["seed"], cfg["xflip"])
     state = dict(net=net, ema=ema, opt=opt, loader=loader)
-    start = run.start(state, f"({cfg['variant'].upper()})")
-    sample = samplers(ema.model, cfg, data, run.device)
+    start = run.start(state, f"({cfg['variant'].upper()})", samplers({"ema": ema.model}, cfg, data, run.device), data)
     for step in run.steps(start):
         x, y = loader.next()
         eps = curriculum_eps(cfg, step)
@@ -372,20 +371,8 @@ def train(cfg):
                             emas=[(ema, net)])
         if cfg["curriculum"]:
             losses["eps"] = eps
-        run.log(step, losses)
-        run.after_step(step, state, sample, data)
-    run.finish(f"step{cfg['steps']}", sample, data)
-
-
-def sample_only(cfg):
-    """--sample-only: grids, --npz / --png-dir exports and the evaluation from the EMA weights of --ckpt."""
-    data = common.load_dataset(cfg["dataset"], cfg["data_path"], cfg["vae"])
-    run = common.Run(cfg, data=data)
-    net = build_model(cfg, data)
-    common.load_state(net, common.load_checkpoint(cfg["ckpt"], "gcm"), "ema", cfg["ckpt"])
-    sample = samplers(net.to(run.device).eval(), cfg, data, run.device)
-    run.export(sample, data)
-    run.finish("sample", sample, data)
+        run.end_step(step, losses)
+    run.finish()
 
 
 # ==============================================================================================
@@ -532,7 +519,9 @@ def check_config(cfg):
 
 def main(argv=None):
     cfg = parse_config(argv)
-    return sample_only(cfg) if cfg["sample_only"] else train(cfg)
+    if cfg["sample_only"]:
+        return common.sample_only(cfg, lambda cfg, data: {"ema": build_model(cfg, data)}, samplers)
+    return train(cfg)
 
 
 if __name__ == "__main__":

@@ -277,10 +277,10 @@ def sample_ode(net, z, steps, sigma_d, t_start, y=None, cfg_scale=1.0):
     return x
 
 
-def samplers(net, cfg, data, device):
-    """{name: (sample_fn, nfes)} for common.Run.save_samples/evaluate, on the EMA weights. For the teacher
-    the NFE is the number of ODE steps (times 2 with CFG); for sCT/sCD it is the number of f evaluations."""
-    shape, sigma_d = data.shape, cfg["sigma_d"]
+def samplers(nets, cfg, data, device):
+    """{name: (sample_fn, nfes)} for common.Run, on the EMA weights nets["ema"]. For the teacher the NFE is the
+    number of ODE steps (times 2 with CFG); for sCT/sCD it is the number of f evaluations."""
+    net, shape, sigma_d = nets["ema"], data.shape, cfg["sigma_d"]
 
     def noise(n, g):
         return common.randn((n, *shape), g, device, std=sigma_d)            # x_{t_max} ~ N(0, sigma_d^2 I)
@@ -373,8 +373,7 @@ def train(cfg):
     loader = common.Loader(data, run.batch_per_rank, run.dist, cfg["seed"], cfg["xflip"])
     state.update(ema=ema, opt=opt, loader=loader)
     start = run.start(state, {"diffusion": "(TrigFlow diffusion teacher, Eq. 4)", "sct": "(sCT)",
-                              "scd": "(sCD)"}[cfg["mode"]])
-    sample = samplers(ema.model, cfg, data, run.device)
+                              "scd": "(sCD)"}[cfg["mode"]], samplers({"ema": ema.model}, cfg, data, run.device), data)
     for step in run.steps(start):
         x0, y = loader.next()
         batch = draw(x0, y if cfg["class_cond"] else None, cfg)
@@ -382,22 +381,8 @@ def train(cfg):
             loss_fn = functools.partial(teacher_losses, model, cfg=cfg)
         else:
             loss_fn = functools.partial(scm_losses, model, weight_model, step=step, cfg=cfg, teacher=teacher)
-        losses = run.update(opt, params, loss_fn, batch, emas=[(ema, net)])
-        run.log(step, losses)
-        run.after_step(step, state, sample, data)
-    run.finish(f"step{cfg['steps']}", sample, data)
-
-
-def sample_only(cfg):
-    """--sample-only: grids, --npz / --png-dir exports and the evaluation from the EMA weights of --ckpt."""
-    data = common.load_dataset(cfg["dataset"], cfg["data_path"], cfg["vae"])
-    run = common.Run(cfg, data=data)
-    ckpt = common.load_checkpoint(cfg["ckpt"], "scm")
-    net = build_net(cfg, data)
-    common.load_state(net, ckpt, "ema", cfg["ckpt"])
-    sample = samplers(net.to(run.device).eval(), cfg, data, run.device)
-    run.export(sample, data)
-    run.finish("sample", sample, data)
+        run.end_step(step, run.update(opt, params, loss_fn, batch, emas=[(ema, net)]))
+    run.finish()
 
 
 # ==============================================================================================
@@ -563,7 +548,9 @@ def check_config(cfg):
 
 def main(argv=None):
     cfg = parse_config(argv)
-    return sample_only(cfg) if cfg["sample_only"] else train(cfg)
+    if cfg["sample_only"]:
+        return common.sample_only(cfg, lambda cfg, data: {"ema": build_net(cfg, data)}, samplers)
+    return train(cfg)
 
 
 if __name__ == "__main__":
