@@ -2052,34 +2052,32 @@ def relocated(trained, out):
     return {k: v if k == "out" else move(v) for k, v in trained.items()}
 
 
+# The range of every flag that more than one script has, checked once (check_common) wherever the flag exists:
+# (config keys, test, what the flag must be). A method's own flags are checked in its file.
+RANGES = [
+    (("batch_size", "log_every", "ckpt_every", "sample_every", "snapshot_every", "keep", "n", "max_skips",
+      "fid_batch", "batch_gpu", "threads"), lambda v: v >= 1, "be >= 1"),
+    (("steps", "fid", "eval_samples", "seed"), lambda v: v >= 0, "be >= 0"),
+    (("seed",), lambda v: v < 2 ** 32, "lie in 0 .. 2^32 - 1"),       # the seeds of every rank and batch fit int64
+    (("threads",), lambda v: v <= (os.cpu_count() or 1), f"lie in 1 .. {os.cpu_count()} (the CPUs here)"),
+    (("lr", "ema_halflife_kimg"), lambda v: math.isfinite(v) and v > 0, "be a finite number > 0"),
+    (("grad_clip", "weight_decay"), lambda v: v != v or v >= 0, "be >= 0"),       # nan: check_numbers says it
+    (("ema_decay", "dropout", "class_dropout"), lambda v: 0 <= v < 1, "lie in [0, 1)"),
+    (("betas",), lambda v: all(0 <= b < 1 for b in v), "lie in [0, 1)"),
+    (("sigma_d", "time_scale"), lambda v: v > 0, "be positive"),
+]
+
+
 def check_common(cfg):
     """The shared flags, checked before any work for training and --sample-only alike (the checkpoint's own
     settings pass; what depends on the data is in check_late_needs): one UserError naming the first bad one.
     Every float flag is also finite (`check_numbers`)."""
-    def positive(key, allow_zero=False):
-        v = cfg.get(key)
-        if v is not None and not (v >= 0 if allow_zero else v >= 1):
-            raise UserError(f"--{key.replace('_', '-')} must be {'>= 0' if allow_zero else '>= 1'}, got {v}")
-    for key in ("batch_size", "log_every", "ckpt_every", "sample_every", "snapshot_every", "keep", "n",
-                "max_skips", "fid_batch", "batch_gpu", "threads"):
-        positive(key)
-    for key in ("steps", "fid", "eval_samples", "seed"):
-        positive(key, allow_zero=True)
-    if cfg["seed"] >= 2 ** 32:                                  # seeds of every rank and batch stay in int64
-        raise UserError(f"--seed must lie in 0 .. 2^32 - 1, got {cfg['seed']}")
-    if cfg["threads"] and cfg["threads"] > (os.cpu_count() or 1):
-        raise UserError(f"--threads must lie in 1 .. {os.cpu_count()} (the CPUs here), got {cfg['threads']}")
-    if not (math.isfinite(cfg["lr"]) and cfg["lr"] > 0):
-        raise UserError(f"--lr must be a finite number > 0, got {cfg['lr']}")
+    for keys, ok, what in RANGES:
+        for key in keys:
+            if cfg.get(key) is not None and not ok(cfg[key]):
+                raise UserError(f"--{key.replace('_', '-')} must {what}, got {cfg[key]}")
     if any(k < 1 for k in cfg["nfe"]):
         raise UserError(f"--nfe values must be >= 1, got {cfg['nfe']}")
-    if not (math.isfinite(cfg["grad_clip"]) and cfg["grad_clip"] >= 0):
-        raise UserError(f"--grad-clip must be >= 0 (0: off), got {cfg['grad_clip']}")
-    if cfg["ema_decay"] is not None and not 0 <= cfg["ema_decay"] < 1:
-        raise UserError(f"--ema-decay must lie in [0, 1), got {cfg['ema_decay']}")
-    halflife = cfg["ema_halflife_kimg"]
-    if halflife is not None and not (math.isfinite(halflife) and halflife > 0):
-        raise UserError(f"--ema-halflife-kimg must be a finite number > 0, got {halflife}")
     if cfg["target_precision"] == "bf16" and not cfg["bf16"]:
         raise UserError("--target-precision bf16 runs the target passes under --bf16's autocast: add --bf16")
     if cfg["device"] == "cuda" and not torch.cuda.is_available():

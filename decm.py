@@ -690,9 +690,6 @@ def check_config(cfg):
               (cfg["adaptive_c"] > 0 and cfg["adaptive_p"] >= 0, "--adaptive-c must be > 0 and --adaptive-p >= 0"),
               (cfg["w_cfg"] >= 1, f"--w-cfg must be >= 1, got {cfg['w_cfg']}"),
               (cfg["fm_cos"] >= 0, f"--fm-cos must be >= 0, got {cfg['fm_cos']}"),
-              (cfg["weight_decay"] >= 0, f"--weight-decay must be >= 0, got {cfg['weight_decay']}"),
-              (cfg["time_scale"] > 0, f"--time-scale must be > 0, got {cfg['time_scale']}"),
-              (0 <= cfg["class_dropout"] < 1, f"--class-dropout must lie in [0, 1), got {cfg['class_dropout']}"),
               (cfg["w_cfg"] == 1.0 or cfg["class_cond"], "--w-cfg needs a class-conditional model (--class-cond)")]
     for ok, message in checks:
         if not ok:

@@ -296,8 +296,6 @@ def parse_config(argv=None):
             raise common.UserError("the direct map is a one-step sampler: use --nfe 1 (--euler-steps for v_theta)")
         if cfg["cfg_scale"] != 1.0 and not cfg["class_cond"]:
             raise common.UserError("--cfg-scale needs a class-conditional model (--class-cond)")
-        if not 0 <= cfg["class_dropout"] < 1 or cfg["weight_decay"] < 0:
-            raise common.UserError("--class-dropout must lie in [0, 1) and --weight-decay be >= 0")
         return cfg
     return common.parse(p, argv, resolve)
 

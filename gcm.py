@@ -490,20 +490,16 @@ def check_config(cfg):
     fail = common.UserError
     if not 0 <= cfg["t0"] < cfg["t1"] < cfg["tT"] <= 1:
         raise fail(f"need 0 <= t0 < t1 < tT <= 1, got t0={cfg['t0']}, t1={cfg['t1']}, tT={cfg['tT']}")
-    for name in ("eps", "mu", "sigma_d", "nu", "mmd_sigma", "curriculum_eps0", "curriculum_every", "time_scale"):
+    for name in ("eps", "mu", "nu", "mmd_sigma", "curriculum_eps0", "curriculum_every"):
         if not cfg[name] > 0:
             raise fail(f"--{name.replace('_', '-')} must be positive, got {cfg[name]}")
     if not cfg["diag_std"] > 0:
         raise fail(f"--diag-std must be positive, got {cfg['diag_std']}")
-    if not all(0 <= b < 1 for b in cfg["betas"]):
-        raise fail(f"--betas must lie in [0, 1), got {cfg['betas']}")
     if cfg["t_dist"] == "sine" and not (0 <= cfg["dist_a"] <= 2 and 0 <= cfg["dist_b"] <= 2):
         raise fail(f"--dist-a and --dist-b of the sine density must lie in [0, 2], where sin(pi (a u + b (1 - u)) / 2) "
                    f">= 0 (Eq. 15), got {cfg['dist_a']}, {cfg['dist_b']}")
     if cfg["gamma"] < 0 or cfg["lam"] < 0:
         raise fail(f"--gamma and --lam of the Gamma weight must be >= 0, got {cfg['gamma']}, {cfg['lam']}")
-    if not (0 <= cfg["dropout"] < 1 and 0 <= cfg["class_dropout"] < 1):
-        raise fail("--dropout and --class-dropout must lie in [0, 1)")
     if cfg["mmd_group"] < 1:
         raise fail(f"--mmd-group must be at least 1, got {cfg['mmd_group']}")
     if cfg["t_dist"] in ("sine", "cosh") and cfg["dist_a"] == cfg["dist_b"]:
