@@ -1,8 +1,10 @@
-"""What the four method files share: interpolants and the closed-form Gaussian flow, time samplers,
-JVP helpers, data (CIFAR-10, ImageNet latents, 2D toy sets), distributed setup, EMA, checkpoints,
-logging, image grids, the sliced Wasserstein distance and FID.
+"""What the four method files share, in two parts.
 
-A method's own idea never lives here: only pieces at least two methods use as they are.
+Part one, the maths: interpolants and the closed-form flow of Gaussian data, time samplers, target passes and
+JVPs (how a loss says which of its passes builds a target), EMA, and the metrics (the sliced Wasserstein
+distance, FID, the digits figure). Part two, the run machinery: errors, distributed setup, the precision of
+each pass, data (CIFAR-10, ImageNet latents, digits, 2D toy sets), files, and the run with its CLI, checks
+and bookkeeping. A method's own idea never lives here: only pieces at least two methods use as they are.
 
 Command line (besides being imported by the method scripts):
     python common.py fid-ref --dataset cifar10 [--data-path ./data]      # cache CIFAR-10 train stats
@@ -40,168 +42,8 @@ import torch.nn.functional as F
 
 
 # ==============================================================================================
-# Errors: bad input is one line on stderr and exit code 2, never a traceback (see "The run" for the
-# whole contract and `cli`)
-
-class UserError(Exception):
-    """Something the user gave us is wrong (a path, a flag, a checkpoint): reported in one line."""
-
-
-class RunError(Exception):
-    """The run itself cannot go on (e.g. too many non-finite steps): reported in one line, exit 1."""
-
-
-# ==============================================================================================
-# Distributed setup: one code path for `python` and `torchrun`
-
-@dataclass
-class Dist:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def ddp(self):
-        return self.world_size > 1 or tdist.is_initialized()
-
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-
-def setup_distributed(device=None):
-    """Initialise torch.distributed when launched by torchrun (RANK set): NCCL on CUDA, gloo on CPU.
-
-    device: None picks CUDA when available, else CPU; "cpu" forces the CPU (and gloo)."""
-    use_cuda = torch.cuda.is_available() and device != "cpu"
-    if "RANK" not in os.environ:                                # plain `python`
-        return Dist(device=torch.device(device or ("cuda" if use_cuda else "cpu")))
-    env = {k: os.environ.get(k, "") for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    missing = [k for k in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if not env[k]]
-    if missing:
-        raise UserError(f"RANK={env['RANK']} is set, as torchrun sets it, but {' and '.join(missing)} "
-                        f"{'is' if len(missing) == 1 else 'are'} not: launch with torchrun, or unset RANK to run one "
-                        f"process")
-    try:
-        rank, world, local_rank = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"] or 0)
-    except ValueError:
-        raise UserError(f"RANK={env['RANK']!r}, WORLD_SIZE={env['WORLD_SIZE']!r}, LOCAL_RANK={env['LOCAL_RANK']!r}: "
-                        f"not whole numbers") from None
-    if not 0 <= rank < world or local_rank < 0:
-        raise UserError(f"RANK={rank} does not lie in 0 .. WORLD_SIZE-1 = {world - 1} (or LOCAL_RANK={local_rank} < 0)")
-    try:
-        socket.getaddrinfo(env["MASTER_ADDR"], None)
-    except OSError:                     # else the process group retries it for half an hour
-        raise UserError(f"MASTER_ADDR={env['MASTER_ADDR']} is not a host name this machine can resolve") from None
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cpu")
-    if not tdist.is_initialized():
-        tdist.init_process_group(backend="nccl" if use_cuda else "gloo",
-                                 **({"device_id": dev} if use_cuda else {}))
-    return Dist(rank, local_rank, world, dev)
-
-
-def check_compiler(device_type):
-    """--compile needs what Inductor builds code with: a working C++ compiler for CPU kernels, Triton for CUDA
-    ones. Checked before any work, so that a machine without them gets one line and no run folder."""
-    try:
-        if device_type == "cuda":
-            from torch.utils._triton import has_triton
-            missing = None if has_triton() else "Triton, which builds its GPU kernels, is missing or sees no GPU"
-        else:
-            from torch._inductor.cpp_builder import get_cpp_compiler
-            get_cpp_compiler()
-            missing = None
-    except ImportError:                    # another PyTorch release: the first compiled step will say it
-        return
-    except Exception as e:
-        missing = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-    if missing:
-        raise UserError(f"--compile: torch.compile cannot build code on this machine ({missing}); run without "
-                        f"--compile")
-
-
-def deterministic_algorithms():
-    """--deterministic: PyTorch's deterministic kernels (and cuBLAS's fixed workspace, which they need), so that a
-    run and its resumption repeat bit for bit on a GPU too, a little slower. CPU runs are deterministic without
-    it. An operation without a deterministic kernel then raises instead of varying. cuBLAS reads its workspace
-    setting at the process's first cuBLAS call: a process that has used CUDA already must have had it set."""
-    if "CUBLAS_WORKSPACE_CONFIG" not in os.environ and torch.cuda.is_initialized():
-        raise UserError("--deterministic needs CUBLAS_WORKSPACE_CONFIG=:4096:8 in the environment before this process "
-                        "uses CUDA (it has already); set it before starting Python")
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark = False
-
-
-def tune_cpu_allocator():
-    """Keep freed tensor memory in the process on glibc (CPU runs). By default glibc hands every large
-    freed block back to the OS and page-faults it in again at the next step; for a training loop that
-    reallocates the same activations every step this costs ~10-20% of a CPU step (sys time). Same
-    effect as MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ in the environment; a no-op elsewhere."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-1, 1 << 30)      # M_TRIM_THRESHOLD: do not trim the heap below 1 GiB of free space
-        libc.mallopt(-3, 1 << 30)      # M_MMAP_THRESHOLD: serve blocks up to 1 GiB from the heap
-    except (OSError, AttributeError):
-        pass
-
-
-def seed_everything(seed, dist_info):
-    """Per-rank seed (DiT convention): ranks draw different noise and times, reproducibly."""
-    torch.manual_seed(seed * dist_info.world_size + dist_info.rank)
-
-
-def print0(*args, **kwargs):
-    if not tdist.is_initialized() or tdist.get_rank() == 0:
-        print(*args, **kwargs, flush=True)
-
-
-def all_reduce_sum(x):
-    if tdist.is_initialized():
-        tdist.all_reduce(x)
-    return x
-
-
-def all_reduce_mean(x):
-    if tdist.is_initialized():
-        tdist.all_reduce(x)
-        x /= tdist.get_world_size()
-    return x
-
-
-@contextlib.contextmanager
-def eval_mode(*modules):
-    """Inside the block the modules run in eval mode (no dropout, no label dropout); their modes are restored
-    after. For passes that build a target or a sample and share no random draws with a gradient pass: they
-    must not see a dropout of their own (SPEC section 9). Plain functions (the tests' exact solutions) pass
-    through untouched."""
-    modules = [m for m in modules if isinstance(m, nn.Module)]
-    modes = [m.training for m in modules]
-    try:
-        for m in modules:
-            m.train(False)
-        yield
-    finally:
-        for m, mode in zip(modules, modes):
-            m.train(mode)
-
-
-def unwrap(model):
-    """The plain module inside torch.compile and DDP (Run.wrap). Forward-mode JVPs and target passes run on it:
-    they need no gradient sync (weights are stop-gradient there), while every pass that produces parameter
-    gradients must go through DDP."""
-    model = getattr(model, "_orig_mod", model)                 # torch.compile's OptimizedModule
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-# ==============================================================================================
-# Interpolants x_t = alpha(t) x + sigma(t) z and their conditional velocity alpha'(t) x + sigma'(t) z
+# Part one: the maths the methods share. Interpolants x_t = alpha(t) x + sigma(t) z and their conditional
+# velocity alpha'(t) x + sigma'(t) z, and the closed-form flow of Gaussian data
 
 def bcast(t, x):
     """A per-sample [B] tensor reshaped to broadcast against x of shape [B, ...]."""
@@ -248,7 +90,7 @@ class TrigFlow(Interpolant):
 
 
 class GaussianFlow:
-    """The exact probability-flow ODE when the data are N(mu, std^2 I) (SPEC section 7).
+    """The exact probability-flow ODE when the data are N(mu, std^2 I).
 
     Under x_t = a x + b z the marginal is N(a mu, (a^2 std^2 + b^2 noise_std^2) I), one Gaussian per
     coordinate. The PF-ODE map between two times is the monotone map between those Gaussians:
@@ -459,9 +301,733 @@ class UniformPower:
         return u[..., 0] + (1 - u[..., 0]) / 2 * (inner * self._w).sum(-1)
 
 
+def randn(shape, generator, device, std=1.0):
+    """Gaussian noise drawn on the host from `generator` (device-independent), moved to `device`."""
+    return (std * torch.randn(*shape, generator=generator)).to(device)
+
+
 # ==============================================================================================
-# Precision (SPEC sections 9 and 10): which passes of a training step run in which arithmetic. This section
-# is the whole mechanism; the method files only say which of their passes are target passes.
+# Target passes and JVPs. A training step runs two kinds of pass through a network: the gradient pass, whose
+# output carries the parameters' gradient, and target passes, whose outputs build a target without one (F_minus,
+# both points of a finite difference, a JVP, a teacher's velocity, Direct's propagation target). The losses say
+# which pass is which through `Passes` and `target`, and nothing else; how each kind is computed (through DDP
+# or not, with which dropout mask, and in which precision: "Precision", in part two) is decided here.
+
+class Passes:
+    """The passes of one training step through one network, with one dropout mask for all of them:
+        grad(*inputs)            the gradient pass (through DDP and --compile);
+        target(*inputs)          a target pass of the same network: no gradient, on the module inside DDP, in the
+                                 target precision;
+        detached(out, *inputs)   the gradient pass's output `out` at these inputs as a target: its own value with
+                                 the gradient stopped where the gradient pass computed it as a target pass would
+                                 (reuse_for_target), else the target pass;
+        function(*fixed, **kw)   the network as a function of the inputs that come before `fixed`, for `jvp`
+                                 (a target pass too).
+    Every pass starts from the random state the first one found, so all see the same dropout mask and label
+    dropout: F_theta - F_minus carries no mask noise. Outputs are fp32 at least, for the loss algebra. `call(net,
+    *inputs, **kw)` says how a pass uses the network (GCM's preconditioning); by default net(*inputs, **kw).
+    `model` may be a plain function (the tests' closed-form solutions)."""
+
+    def __init__(self, model, call=None):
+        self.model, self.net = model, unwrap(model)
+        self.call = call or (lambda net, *inputs, **kw: net(*inputs, **kw))
+        self._same = None
+
+    def _shared(self, like):
+        if self._same is None:
+            self._same = SameRandomness(like.device)
+        return self._same
+
+    def grad(self, *inputs, **kw):
+        with self._shared(inputs[0]):
+            return wide(self.call(self.model, *inputs, **kw))
+
+    def target(self, *inputs, **kw):
+        with self._shared(inputs[0]), torch.no_grad(), target_precision(inputs[0]):
+            return wide(self.call(self.net, *inputs, **kw))
+
+    def detached(self, out, *inputs, **kw):
+        return wide(out.detach()) if reuse_for_target(inputs[0]) else self.target(*inputs, **kw)
+
+    def function(self, *fixed, **kw):
+        def f(*inputs):
+            with self._shared(inputs[0]):
+                return self.call(self.net, *inputs, *fixed, **kw)
+        return f
+
+
+def target(fn, *args, **kw):
+    """fn(*args, **kw) as a target pass: no gradient, the networks among the arguments in eval mode (no dropout
+    of their own: a velocity that enters a target is a function of its inputs) and in the target precision
+    (that of the first tensor argument's device), each network's output and the result in fp32 at least."""
+    like = next(a for a in args if torch.is_tensor(a))
+    with torch.no_grad(), eval_mode(*args), target_precision(like):
+        return wide(fn(*(_Widened(a) if isinstance(a, nn.Module) else a for a in args), **kw))
+
+
+def target_pass(fn):
+    """Decorator: every call of fn is a target pass (`target`)."""
+    @functools.wraps(fn)
+    def as_target(*args, **kw):
+        return target(fn, *args, **kw)
+    return as_target
+
+
+class _Widened:
+    """A network inside a target pass: its outputs are widened to fp32 before any difference is taken of them."""
+
+    def __init__(self, net):
+        self.net = net
+
+    def __call__(self, *inputs, **kw):
+        return wide(self.net(*inputs, **kw))
+
+    def __getattr__(self, name):
+        return getattr(self.net, name)
+
+
+def jvp(fn, primals, tangents):
+    """(fn(primals), J_fn(primals) . tangents) by forward-mode AD (torch.func.jvp), without a graph (the weights
+    are stop-gradient in every JVP the methods take), as a target pass: in IEEE fp32 under the exact policy
+    (bf16 inputs are widened first), under bf16 autocast under the faster one; fp32 (or fp64) out. `fn` is a
+    network as a function of the inputs differentiated (Passes.function: the module inside DDP, since the JVP
+    contributes no parameter gradient); other inputs (labels) are closed over."""
+    like = primals[0]
+    with torch.no_grad(), target_precision(like, "target pass: JVP"):
+        if _arithmetic(like) != "bf16":
+            primals, tangents = tuple(map(wide, primals)), tuple(map(wide, tangents))
+        out, tangent = torch.func.jvp(fn, tuple(primals), tuple(tangents))
+    return wide(out), wide(tangent)
+
+
+def wide(x):
+    """At least fp32 (bf16 outputs are widened for the target algebra and the losses; float64 stays float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def mse(a, b):
+    """||a - b||^2 averaged over every element, in fp32 at least (bf16 is widened; float64 stays float64)."""
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    return (a.to(dtype) - b.to(dtype)).pow(2).mean()
+
+
+def rng_state(device):
+    state = {"cpu": torch.get_rng_state()}
+    if torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class SameRandomness:
+    """Snapshot the RNG once; every `with` block starts from that snapshot.
+
+    The JVP pass and the gradient pass of a consistency loss must see the same dropout mask (and label
+    dropout), otherwise F_theta - F_minus carries mask noise. Wrap each pass in `with same:`."""
+
+    def __init__(self, device="cpu"):
+        self.device = device
+        self.state = rng_state(device)
+
+    def __enter__(self):
+        set_rng_state(self.state, self.device)
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ==============================================================================================
+# EMA of the weights, as a decay per step or (EDM) a half-life in images, the same on any number of GPUs
+
+class EMA:
+    """Exponential moving average of a model's weights: a fixed `decay` per step, or EDM's half-life
+    in images (`halflife_kimg`), beta = 0.5 ** (batch / (halflife_kimg * 1000)), so runs with different
+    batch sizes average over the same number of images. The copy is kept in eval mode."""
+
+    def __init__(self, model, decay=None, halflife_kimg=None):
+        if (decay is None) == (halflife_kimg is None):
+            raise ValueError("give exactly one of decay and halflife_kimg")
+        self.decay, self.halflife_kimg = decay, halflife_kimg
+        self.model = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
+
+    def beta(self, batch_size):
+        return self.decay if self.decay is not None else 0.5 ** (batch_size / (self.halflife_kimg * 1000))
+
+    @torch.no_grad()
+    def update(self, model, batch_size):
+        src = unwrap(model)
+        ema_p, p = list(self.model.parameters()), list(src.parameters())
+        torch._foreach_lerp_(ema_p, p, 1 - self.beta(batch_size))
+        for eb, b in zip(self.model.buffers(), src.buffers()):
+            eb.copy_(b)
+
+    def state_dict(self):
+        return self.model.state_dict()
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state)
+
+
+# ==============================================================================================
+# Metrics: the sliced Wasserstein distance of 2D toy sets
+
+def sliced_wasserstein(x, y, n_proj=512, seed=0):
+    """Sliced 2-Wasserstein distance between point clouds x [n, d] and y [m, d]:
+    sqrt of the mean over random unit directions of W2^2 between the 1D projections. Quantiles are
+    compared on a common grid of min(n, m) levels, so n and m may differ. Fixed directions (seed)."""
+    x, y = x.detach().double().cpu().reshape(len(x), -1), y.detach().double().cpu().reshape(len(y), -1)
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(x.shape[1], n_proj, generator=g, dtype=torch.float64)
+    dirs /= dirs.norm(dim=0, keepdim=True)
+    px, py = (x @ dirs).sort(dim=0).values, (y @ dirs).sort(dim=0).values          # (n, P), (m, P)
+    k = min(len(px), len(py))
+    levels = (torch.arange(k, dtype=torch.float64) + 0.5) / k
+    qx = torch.quantile(px, levels, dim=0) if len(px) != k else px
+    qy = torch.quantile(py, levels, dim=0) if len(py) != k else py
+    return float(((qx - qy) ** 2).mean().sqrt())
+
+
+# ==============================================================================================
+# FID: the Inception-v3 of pytorch-fid (https://github.com/mseitzer/pytorch-fid), which reproduces the
+# TensorFlow FID graph: in the pool branches of the A, C and first E blocks the average pooling ignores
+# padding, and the last E block max-pools. Its state dict uses torchvision's module names, so we build
+# torchvision's Inception3 and swap those blocks for these subclasses.
+
+FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
+
+
+def _fid_avg_pool(x):
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+def _fid_max_pool(x):
+    return F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+
+
+def _fid_blocks():
+    from torchvision.models import inception as tvi
+
+    class FIDInceptionA(tvi.InceptionA):
+        pool = staticmethod(_fid_avg_pool)
+
+        def _forward(self, x):
+            b5 = self.branch5x5_2(self.branch5x5_1(x))
+            b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+            return [self.branch1x1(x), b5, b3, self.branch_pool(self.pool(x))]
+
+    class FIDInceptionC(tvi.InceptionC):
+        pool = staticmethod(_fid_avg_pool)
+
+        def _forward(self, x):
+            b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+            bd = x
+            for i in range(1, 6):
+                bd = getattr(self, f"branch7x7dbl_{i}")(bd)
+            return [self.branch1x1(x), b7, bd, self.branch_pool(self.pool(x))]
+
+    class FIDInceptionE(tvi.InceptionE):
+        def __init__(self, in_channels, pool):
+            super().__init__(in_channels)
+            self.pool = pool
+
+        def _forward(self, x):
+            b3 = self.branch3x3_1(x)
+            b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
+            bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+            bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], 1)
+            return [self.branch1x1(x), b3, bd, self.branch_pool(self.pool(x))]
+
+    return tvi, FIDInceptionA, FIDInceptionC, FIDInceptionE
+
+
+class FIDInception(nn.Module):
+    """x: images in [-1, 1], any size -> (N, 2048) pool features (float32).
+
+    The features are computed in IEEE fp32 on every device (`ieee_fp32`: no TF32 convolutions on Ampere and
+    later GPUs, where PyTorch's default, and so pytorch-fid's, would allow them): FID then does not depend on
+    the GPU it was computed on, and statistics from a GPU and from a CPU agree to fp32 round-off. TF32 moves
+    the features by about 1e-4 relative and FID by about that much too, far below the FID's own sampling
+    noise, so published numbers computed with TF32 stay comparable."""
+
+    def __init__(self):
+        super().__init__()
+        tvi, A, C, E = _fid_blocks()
+        net = tvi.Inception3(num_classes=1008, aux_logits=False, init_weights=False, transform_input=False)
+        net.Mixed_5b, net.Mixed_5c, net.Mixed_5d = A(192, 32), A(256, 64), A(288, 64)
+        net.Mixed_6b, net.Mixed_6c, net.Mixed_6d, net.Mixed_6e = C(768, 128), C(768, 160), C(768, 160), C(768, 192)
+        net.Mixed_7b, net.Mixed_7c = E(1280, _fid_avg_pool), E(2048, _fid_max_pool)
+        self.net = net.eval().requires_grad_(False)
+
+    def load_state_dict(self, state_dict, strict=True):
+        return self.net.load_state_dict(state_dict, strict=strict)
+
+    @torch.no_grad()
+    def forward(self, x):
+        with ieee_fp32(), torch.autocast(x.device.type, enabled=False):
+            x = F.interpolate(x.float(), size=(299, 299), mode="bilinear", align_corners=False)
+            n = self.net
+            for layer in (n.Conv2d_1a_3x3, n.Conv2d_2a_3x3, n.Conv2d_2b_3x3, n.maxpool1, n.Conv2d_3b_1x1,
+                          n.Conv2d_4a_3x3, n.maxpool2, n.Mixed_5b, n.Mixed_5c, n.Mixed_5d, n.Mixed_6a, n.Mixed_6b,
+                          n.Mixed_6c, n.Mixed_6d, n.Mixed_6e, n.Mixed_7a, n.Mixed_7b, n.Mixed_7c):
+                x = layer(x)
+            return F.adaptive_avg_pool2d(x, 1).flatten(1)          # (N, 2048)
+
+
+FID_WEIGHTS_SHA256_PREFIX = "6726825d"      # the hash prefix in the published file name (torch.hub's convention)
+
+
+def _sha256(path):
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_fid_inception(weights=None, device="cpu"):
+    """The FID network with the standard weights: `weights` path, else the torch hub cache, else a
+    download; offline without them -> UserError naming the URL and where to put the file. A downloaded or
+    cached file must have the published hash (torch.hub checks the download, we check the cache); every
+    file is read with weights_only=True (plain tensors, no code)."""
+    net = FIDInception()
+    fname = os.path.basename(FID_WEIGHTS_URL)
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", fname)
+    path = weights or (cached if os.path.isfile(cached) else None)
+    if weights and not os.path.isfile(weights):
+        raise UserError(f"FID weights not found: {weights}")
+    if path == cached and not _sha256(cached).startswith(FID_WEIGHTS_SHA256_PREFIX):
+        raise UserError(f"{cached} does not have the published hash {FID_WEIGHTS_SHA256_PREFIX}...: a damaged or "
+                        f"foreign file; delete it (it is downloaded again when online) or pass --fid-weights PATH")
+    try:
+        if path:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            state = torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, progress=False, map_location="cpu",
+                                                       check_hash=True, weights_only=True)
+    except Exception as e:
+        raise UserError(f"could not get the FID Inception weights ({type(e).__name__}: {str(e).splitlines()[0][:80]}); "
+                        f"download {FID_WEIGHTS_URL} to {cached} or pass --fid-weights PATH") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path or fname} is not a state dict")
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        reason = str(e).splitlines()[0][:100]
+        raise UserError(f"{path or fname} is not the FID Inception state dict ({reason})") from None
+    return net.to(device)
+
+
+def quantize_images(x):
+    """Generated images in [-1, 1] -> what a saved PNG holds: uint8 levels, returned in [-1, 1]."""
+    u8 = ((x.float() + 1) * 127.5).round().clamp(0, 255)
+    return u8 / 127.5 - 1
+
+
+def to_uint8(x):
+    """Images in [-1, 1], [N, C, H, W] -> uint8 [N, H, W, C] numpy, the levels quantize_images keeps."""
+    return ((x.detach().float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def from_uint8(arr):
+    """uint8 [N, H, W, C] -> float [N, C, H, W] in [-1, 1] (the inverse of to_uint8 on its levels)."""
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+FID_DIM = 2048                          # the Inception pool features FID compares
+
+
+class FeatureStats:
+    """Running float64 sums of Inception features; `finish()` all-reduces and returns (mu, sigma)."""
+
+    def __init__(self, dim=FID_DIM, device="cpu"):
+        self.n = torch.zeros((), dtype=torch.float64, device=device)
+        self.s1 = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.s2 = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+
+    def add(self, feats):
+        f = feats.double()
+        self.n += len(f)
+        self.s1 += f.sum(0)
+        self.s2 += f.T @ f
+
+    def finish(self):
+        n, s1, s2 = (all_reduce_sum(v.clone()) for v in (self.n, self.s1, self.s2))
+        mu = s1 / n
+        sigma = (s2 - n * torch.outer(mu, mu)) / (n - 1)
+        return mu.cpu().numpy(), sigma.cpu().numpy()
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)).
+
+    The eigenvalues of S1 S2 are those of (S1^(1/2) S2^(1/2)) (S1^(1/2) S2^(1/2))^T, so
+    tr((S1 S2)^(1/2)) is the sum of singular values (nuclear norm) of S1^(1/2) S2^(1/2). That needs two
+    symmetric eigendecompositions (round-off negatives clipped to 0) and one SVD: no general, possibly
+    complex sqrtm, and no squaring of the condition number."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+
+    def psd_sqrt(s):
+        w, V = np.linalg.eigh((s + s.T) / 2)
+        return (V * np.sqrt(np.clip(w, 0, None))) @ V.T
+
+    tr_covmean = np.linalg.svd(psd_sqrt(s1) @ psd_sqrt(s2), compute_uv=False).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+
+
+def inception_stats(images_iter, inception, device):
+    """Statistics of an iterable of image batches in [-1, 1] (this rank's share; all-reduced)."""
+    stats = FeatureStats(device=device)
+    for x in images_iter:
+        stats.add(inception(quantize_images(x.to(device))))
+    return stats.finish()
+
+
+def reference_stats_path(dataset, data_path):
+    return os.path.join(data_path or "./data", f"fid_stats_{dataset}_train.npz")
+
+
+def fid_reference(dataset, data_path=None, ref=None, weights=None, batch_size=250, dist_info=None, device=None):
+    """(mu, sigma) of the reference set. `ref` is an .npz with mu, sigma; for CIFAR-10 the stats of the
+    50k training images are computed once and cached next to the data."""
+    if ref:
+        if not os.path.isfile(ref):
+            raise UserError(f"FID reference statistics not found: {ref}")
+        mu, sigma = read_stats(ref)
+        if len(mu) != FID_DIM:
+            raise UserError(f"{ref} holds {len(mu)}-d statistics; FID's Inception features are {FID_DIM}-d")
+        return mu, sigma
+    path = reference_stats_path(dataset, data_path)
+    if os.path.isfile(path):
+        return read_stats(path)
+    if dataset != "cifar10":
+        raise UserError(f"no FID reference statistics for {dataset}: pass --fid-ref STATS.npz (keys mu, sigma)")
+    dist_info = dist_info or Dist(device=torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    data = CIFAR10(data_path or "./data")
+    inception = load_fid_inception(weights, dist_info.device)
+    idx = torch.arange(dist_info.rank, len(data), dist_info.world_size)
+    batches = (data.get(idx[i:i + batch_size])[0] for i in range(0, len(idx), batch_size))
+    mu, sigma = inception_stats(batches, inception, dist_info.device)
+    if dist_info.is_main:
+        try:
+            atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma))
+        except OSError as e:                                  # a read-only data folder: computed, not cached
+            print0(f"warning: could not cache the FID reference statistics in {path} ({e.strerror or e})")
+    return mu, sigma
+
+
+# ==============================================================================================
+# The digits figure: FID's recipe with a small classifier of 8x8 digits as the feature network. The Frechet
+# distance between generated and held-out digits in its penultimate features (the same `frechet_distance` as
+# FID), and the share of samples per predicted class (mode coverage).
+
+DIGITS_CLASSIFIER_VERSION = 1
+
+
+class DigitsClassifier(nn.Module):
+    """A small CNN for 8x8 digits: `features` are the 64-d penultimate activations (the counterpart of
+    Inception's 2048-d pool features), `forward` gives the 10 class logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),                     # (N, 32, 8, 8)
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),   # (N, 64, 4, 4)
+            nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (N, 128, 2, 2)
+            nn.Flatten(), nn.Linear(512, 64), nn.ReLU())                   # (N, 64)
+        self.head = nn.Linear(64, 10)
+
+    def features(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def _train_digits_classifier(epochs=60, batch=64, lr=2e-3):
+    """Deterministic: a fixed seed, a fixed order of batches and one thread (so that the float sums do not
+    depend on the machine's thread count). Adam with a cosine learning-rate decay; every image is shifted
+    by up to one pixel at random, which makes the features robust to digits a pixel off centre. About
+    fifteen seconds on one CPU core."""
+    train, held = Digits("train"), Digits("held-out")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        g = torch.Generator().manual_seed(0)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            net = DigitsClassifier()
+        opt = torch.optim.Adam(net.parameters(), lr=lr)
+        total, done = epochs * math.ceil(len(train) / batch), 0
+        for _ in range(epochs):
+            order = torch.randperm(len(train), generator=g)
+            for i in range(0, len(order), batch):
+                x, y = train.get(order[i:i + batch])
+                padded = F.pad(x, (1, 1, 1, 1), value=-1.0)                 # (B, 1, 10, 10), background -1
+                crops = torch.stack([padded[:, :, dy:dy + 8, dx:dx + 8] for dy in range(3) for dx in range(3)])
+                x = crops[torch.randint(0, 9, (len(x),), generator=g), torch.arange(len(x))]   # (B, 1, 8, 8)
+                for group in opt.param_groups:
+                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * done / total))
+                loss = F.cross_entropy(net(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                done += 1
+        net.eval()
+        with torch.no_grad():
+            accuracy = float((net(held.images).argmax(1) == held.labels).float().mean())
+    finally:
+        torch.set_num_threads(threads)
+    return net, accuracy
+
+
+def digits_classifier(data_path=None, device="cpu", verbose=True):
+    """The classifier behind the digits figure: read from DATA/digits_classifier.pt, or trained once on the
+    training split and cached there (a plain state dict, read with weights_only=True). Its held-out
+    accuracy is printed."""
+    path = os.path.join(data_path or "./data", "digits_classifier.pt")
+    net, accuracy = DigitsClassifier(), None
+    if os.path.isfile(path):
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            if blob.get("version") == DIGITS_CLASSIFIER_VERSION:
+                net.load_state_dict(blob["state"])
+                accuracy = float(blob["accuracy"])
+        except Exception:                                  # unreadable or foreign: train a new one over it
+            accuracy = None
+    if accuracy is None:
+        net, accuracy = _train_digits_classifier()
+        if int(os.environ.get("RANK", 0)) == 0:
+            try:
+                save_checkpoint(path, {"version": DIGITS_CLASSIFIER_VERSION, "state": net.state_dict(),
+                                       "accuracy": accuracy})
+            except OSError as e:
+                print0(f"warning: could not cache the digits classifier in {path} ({e.strerror})")
+    if verbose:
+        print0(f"digits classifier: {100 * accuracy:.1f}% held-out accuracy ({path})")
+    return net.eval().requires_grad_(False).to(device), accuracy
+
+
+class DigitsQuality:
+    """score(images) -> {"fd": Frechet distance to the held-out digits, "class_share": [share of samples
+    per predicted class], "modes": exp(entropy of those shares), 10 when every digit is equally common}.
+    Images in [-1, 1] are quantised as a saved PNG would hold them (like FID's input) before the classifier
+    sees them. floor(): held-out against the training digits; ceiling(n): Gaussian noise images."""
+
+    def __init__(self, data_path=None, device="cpu", verbose=True):
+        self.device = torch.device(device)
+        self.net, self.accuracy = digits_classifier(data_path, self.device, verbose)
+        self.ref = self.stats(Digits("held-out").images)
+
+    @torch.no_grad()
+    def _run(self, images, batch=1000):
+        x = quantize_images(torch.as_tensor(images).float())
+        feats, preds = [], []
+        for chunk in x.split(batch):
+            f = self.net.features(chunk.to(self.device))
+            feats.append(f.double().cpu())
+            preds.append(self.net.head(f).argmax(1).cpu())
+        return torch.cat(feats), torch.cat(preds)
+
+    def stats(self, images):
+        feats = self._run(images)[0]
+        mu = feats.mean(0)
+        centred = feats - mu
+        return mu.numpy(), (centred.T @ centred / (len(feats) - 1)).numpy()
+
+    def score(self, images):
+        feats, preds = self._run(images)
+        mu = feats.mean(0)
+        centred = feats - mu
+        sigma = centred.T @ centred / (len(feats) - 1)
+        share = torch.bincount(preds, minlength=10).double() / len(preds)
+        entropy = -(share * share.clamp_min(1e-300).log()).sum()
+        return {"fd": frechet_distance(mu.numpy(), sigma.numpy(), *self.ref),
+                "class_share": [round(float(s), 4) for s in share], "modes": float(entropy.exp())}
+
+    def floor(self):
+        return self.score(Digits("train").images)
+
+    def ceiling(self, n=1000, seed=0):
+        return self.score(torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed)).clamp(-1, 1))
+
+
+# ##############################################################################################
+# Part two: the run machinery. Nothing below is maths: errors, distributed setup, the precision of each
+# pass, data, files, and the run (its CLI, config, checks, lock, guard and bookkeeping).
+# ##############################################################################################
+
+# ==============================================================================================
+# Errors: bad input is one line on stderr and exit code 2, never a traceback (see "The run" for the
+# whole contract and `cli`)
+
+class UserError(Exception):
+    """Something the user gave us is wrong (a path, a flag, a checkpoint): reported in one line."""
+
+
+class RunError(Exception):
+    """The run itself cannot go on (e.g. too many non-finite steps): reported in one line, exit 1."""
+
+
+# ==============================================================================================
+# Distributed setup: one code path for `python` and `torchrun`
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def ddp(self):
+        return self.world_size > 1 or tdist.is_initialized()
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def setup_distributed(device=None):
+    """Initialise torch.distributed when launched by torchrun (RANK set): NCCL on CUDA, gloo on CPU.
+
+    device: None picks CUDA when available, else CPU; "cpu" forces the CPU (and gloo)."""
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    if "RANK" not in os.environ:                                # plain `python`
+        return Dist(device=torch.device(device or ("cuda" if use_cuda else "cpu")))
+    env = {k: os.environ.get(k, "") for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    missing = [k for k in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if not env[k]]
+    if missing:
+        raise UserError(f"RANK={env['RANK']} is set, as torchrun sets it, but {' and '.join(missing)} "
+                        f"{'is' if len(missing) == 1 else 'are'} not: launch with torchrun, or unset RANK to run one "
+                        f"process")
+    try:
+        rank, world, local_rank = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"] or 0)
+    except ValueError:
+        raise UserError(f"RANK={env['RANK']!r}, WORLD_SIZE={env['WORLD_SIZE']!r}, LOCAL_RANK={env['LOCAL_RANK']!r}: "
+                        f"not whole numbers") from None
+    if not 0 <= rank < world or local_rank < 0:
+        raise UserError(f"RANK={rank} does not lie in 0 .. WORLD_SIZE-1 = {world - 1} (or LOCAL_RANK={local_rank} < 0)")
+    try:
+        socket.getaddrinfo(env["MASTER_ADDR"], None)
+    except OSError:                     # else the process group retries it for half an hour
+        raise UserError(f"MASTER_ADDR={env['MASTER_ADDR']} is not a host name this machine can resolve") from None
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if not tdist.is_initialized():
+        tdist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                                 **({"device_id": dev} if use_cuda else {}))
+    return Dist(rank, local_rank, world, dev)
+
+
+def check_compiler(device_type):
+    """--compile needs what Inductor builds code with: a working C++ compiler for CPU kernels, Triton for CUDA
+    ones. Checked before any work, so that a machine without them gets one line and no run folder."""
+    try:
+        if device_type == "cuda":
+            from torch.utils._triton import has_triton
+            missing = None if has_triton() else "Triton, which builds its GPU kernels, is missing or sees no GPU"
+        else:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+            get_cpp_compiler()
+            missing = None
+    except ImportError:                    # another PyTorch release: the first compiled step will say it
+        return
+    except Exception as e:
+        missing = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    if missing:
+        raise UserError(f"--compile: torch.compile cannot build code on this machine ({missing}); run without "
+                        f"--compile")
+
+
+def deterministic_algorithms():
+    """--deterministic: PyTorch's deterministic kernels (and cuBLAS's fixed workspace, which they need), so that a
+    run and its resumption repeat bit for bit on a GPU too, a little slower. CPU runs are deterministic without
+    it. An operation without a deterministic kernel then raises instead of varying. cuBLAS reads its workspace
+    setting at the process's first cuBLAS call: a process that has used CUDA already must have had it set."""
+    if "CUBLAS_WORKSPACE_CONFIG" not in os.environ and torch.cuda.is_initialized():
+        raise UserError("--deterministic needs CUBLAS_WORKSPACE_CONFIG=:4096:8 in the environment before this process "
+                        "uses CUDA (it has already); set it before starting Python")
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
+def tune_cpu_allocator():
+    """Keep freed tensor memory in the process on glibc (CPU runs). By default glibc hands every large
+    freed block back to the OS and page-faults it in again at the next step; for a training loop that
+    reallocates the same activations every step this costs ~10-20% of a CPU step (sys time). Same
+    effect as MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ in the environment; a no-op elsewhere."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-1, 1 << 30)      # M_TRIM_THRESHOLD: do not trim the heap below 1 GiB of free space
+        libc.mallopt(-3, 1 << 30)      # M_MMAP_THRESHOLD: serve blocks up to 1 GiB from the heap
+    except (OSError, AttributeError):
+        pass
+
+
+def seed_everything(seed, dist_info):
+    """Per-rank seed (DiT convention): ranks draw different noise and times, reproducibly."""
+    torch.manual_seed(seed * dist_info.world_size + dist_info.rank)
+
+
+def print0(*args, **kwargs):
+    if not tdist.is_initialized() or tdist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def all_reduce_sum(x):
+    if tdist.is_initialized():
+        tdist.all_reduce(x)
+    return x
+
+
+def all_reduce_mean(x):
+    if tdist.is_initialized():
+        tdist.all_reduce(x)
+        x /= tdist.get_world_size()
+    return x
+
+
+@contextlib.contextmanager
+def eval_mode(*modules):
+    """Inside the block the modules run in eval mode (no dropout, no label dropout); their modes are restored
+    after. For passes that build a target or a sample and share no random draws with a gradient pass: they
+    must not see a dropout of their own. Plain functions (the tests' exact solutions) pass
+    through untouched."""
+    modules = [m for m in modules if isinstance(m, nn.Module)]
+    modes = [m.training for m in modules]
+    try:
+        for m in modules:
+            m.train(False)
+        yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+
+
+def unwrap(model):
+    """The plain module inside torch.compile and DDP (Run.wrap). Forward-mode JVPs and target passes run on it:
+    they need no gradient sync (weights are stop-gradient there), while every pass that produces parameter
+    gradients must go through DDP."""
+    model = getattr(model, "_orig_mod", model)                 # torch.compile's OptimizedModule
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+# ==============================================================================================
+# Precision: which passes of a training step run in which arithmetic. This section is the whole mechanism;
+# the method files only say which of their passes are target passes (part one, "Target passes and JVPs").
 #
 # Gradient passes (a forward whose output carries the parameters' gradient, and its backward) run under
 # --bf16 in bf16 autocast (`mixed_precision`, which Run puts around every method's loss; CUDA, and the CPU,
@@ -485,8 +1051,8 @@ class UniformPower:
 #   bf16 (the faster policy of public implementations such as Sana-Sprint, rCM, FACM and TVM; needs --bf16):
 #       the target passes and JVPs run under the same bf16 autocast as the gradient passes.
 # Under every policy the numerically delicate parts stay fp32 in every pass: the attention softmax, the norms
-# and the time embeddings (dit.py), and the target algebra: `jvp` returns fp32, and the methods widen the
-# outputs of target passes to fp32 before differences, divisions and normalisations.
+# and the time embeddings (dit.py), and the target algebra: what a target pass returns is widened to fp32 before
+# differences, divisions and normalisations (`Passes`, `target`, `jvp`).
 # A gradient pass's own detached output may stand in for a target pass only when it is computed at least as
 # precisely as that target pass would be (`reuse_for_target`); otherwise the target pass is run.
 # tests/test_precision.py checks, for every method at the closed-form Gaussian solution, that the targets
@@ -494,6 +1060,8 @@ class UniformPower:
 # measures what the tf32 and bf16 policies cost, and that TF32 is off inside every target pass and on again after.
 
 TARGET_PRECISIONS = ("fp32", "tf32", "bf16")
+
+
 _TARGETS = contextvars.ContextVar("target_precision", default="fp32")
 
 
@@ -632,147 +1200,13 @@ def reuse_for_target(like):
     return arithmetic == "tf32" or not reduced_fp32(like.device.type)
 
 
-def wide(x):
-    """At least fp32 (bf16 outputs are widened for the target algebra and the losses; float64 stays float64)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-# ==============================================================================================
-# Target passes and JVPs. A training step runs two kinds of pass through a network: the gradient pass, whose
-# output carries the parameters' gradient, and target passes, whose outputs build a target without one (F_minus,
-# both points of a finite difference, a JVP, a teacher's velocity, Direct's propagation target). The losses say
-# which pass is which through `Passes` and `target`, and nothing else; how each kind is computed (through DDP
-# or not, in which precision, with which dropout mask) is decided here and in "Precision".
-
-class Passes:
-    """The passes of one training step through one network, with one dropout mask for all of them:
-        grad(*inputs)            the gradient pass (through DDP and --compile);
-        target(*inputs)          a target pass of the same network: no gradient, on the module inside DDP, in the
-                                 target precision;
-        detached(out, *inputs)   the gradient pass's output `out` at these inputs as a target: its own value with
-                                 the gradient stopped where the gradient pass computed it as a target pass would
-                                 (reuse_for_target), else the target pass;
-        function(*fixed, **kw)   the network as a function of the inputs that come before `fixed`, for `jvp`
-                                 (a target pass too).
-    Every pass starts from the random state the first one found, so all see the same dropout mask and label
-    dropout: F_theta - F_minus carries no mask noise. Outputs are fp32 at least, for the loss algebra. `call(net,
-    *inputs, **kw)` says how a pass uses the network (GCM's preconditioning); by default net(*inputs, **kw).
-    `model` may be a plain function (the tests' closed-form solutions)."""
-
-    def __init__(self, model, call=None):
-        self.model, self.net = model, unwrap(model)
-        self.call = call or (lambda net, *inputs, **kw: net(*inputs, **kw))
-        self._same = None
-
-    def _shared(self, like):
-        if self._same is None:
-            self._same = SameRandomness(like.device)
-        return self._same
-
-    def grad(self, *inputs, **kw):
-        with self._shared(inputs[0]):
-            return wide(self.call(self.model, *inputs, **kw))
-
-    def target(self, *inputs, **kw):
-        with self._shared(inputs[0]), torch.no_grad(), target_precision(inputs[0]):
-            return wide(self.call(self.net, *inputs, **kw))
-
-    def detached(self, out, *inputs, **kw):
-        return wide(out.detach()) if reuse_for_target(inputs[0]) else self.target(*inputs, **kw)
-
-    def function(self, *fixed, **kw):
-        def f(*inputs):
-            with self._shared(inputs[0]):
-                return self.call(self.net, *inputs, *fixed, **kw)
-        return f
-
-
-def target(fn, *args, **kw):
-    """fn(*args, **kw) as a target pass: no gradient, the networks among the arguments in eval mode (no dropout
-    of their own: a velocity that enters a target is a function of its inputs) and in the target precision
-    (that of the first tensor argument's device), each network's output and the result in fp32 at least."""
-    like = next(a for a in args if torch.is_tensor(a))
-    with torch.no_grad(), eval_mode(*args), target_precision(like):
-        return wide(fn(*(_Widened(a) if isinstance(a, nn.Module) else a for a in args), **kw))
-
-
-def target_pass(fn):
-    """Decorator: every call of fn is a target pass (`target`)."""
-    @functools.wraps(fn)
-    def as_target(*args, **kw):
-        return target(fn, *args, **kw)
-    return as_target
-
-
-class _Widened:
-    """A network inside a target pass: its outputs are widened to fp32 before any difference is taken of them."""
-
-    def __init__(self, net):
-        self.net = net
-
-    def __call__(self, *inputs, **kw):
-        return wide(self.net(*inputs, **kw))
-
-    def __getattr__(self, name):
-        return getattr(self.net, name)
-
-
-def jvp(fn, primals, tangents):
-    """(fn(primals), J_fn(primals) . tangents) by forward-mode AD (torch.func.jvp), without a graph (the weights
-    are stop-gradient in every JVP the methods take), as a target pass: in IEEE fp32 under the exact policy
-    (bf16 inputs are widened first), under bf16 autocast under the faster one; fp32 (or fp64) out. `fn` is a
-    network as a function of the inputs differentiated (Passes.function: the module inside DDP, since the JVP
-    contributes no parameter gradient); other inputs (labels) are closed over."""
-    like = primals[0]
-    with torch.no_grad(), target_precision(like, "target pass: JVP"):
-        if _arithmetic(like) != "bf16":
-            primals, tangents = tuple(map(wide, primals)), tuple(map(wide, tangents))
-        out, tangent = torch.func.jvp(fn, tuple(primals), tuple(tangents))
-    return wide(out), wide(tangent)
-
-
-def mse(a, b):
-    """||a - b||^2 averaged over every element, in fp32 at least (bf16 is widened; float64 stays float64)."""
-    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
-    return (a.to(dtype) - b.to(dtype)).pow(2).mean()
-
-
-def rng_state(device):
-    state = {"cpu": torch.get_rng_state()}
-    if torch.device(device).type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-class SameRandomness:
-    """Snapshot the RNG once; every `with` block starts from that snapshot.
-
-    The JVP pass and the gradient pass of a consistency loss must see the same dropout mask (and label
-    dropout), otherwise F_theta - F_minus carries mask noise. Wrap each pass in `with same:`."""
-
-    def __init__(self, device="cpu"):
-        self.device = device
-        self.state = rng_state(device)
-
-    def __enter__(self):
-        set_rng_state(self.state, self.device)
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 # ==============================================================================================
 # Data. Every dataset exposes `shape` (per-sample), `num_classes`, `kind` ("toy" | "image" | "latent")
 # and either `sample(n)` (toy, infinite) or `len` + `get(indices)` (finite, returns float x, int64 y).
 
 DATASETS = ("cifar10", "imagenet-latents", "digits", "checkerboard", "moons", "8gaussians")
+
+
 TOY_SETS = ("checkerboard", "moons", "8gaussians")
 
 
@@ -1169,456 +1603,7 @@ def encode_latents(images, out, vae_name=DEFAULT_VAE, image_size=256, batch_size
 
 
 # ==============================================================================================
-# Toy-set metric
-
-def sliced_wasserstein(x, y, n_proj=512, seed=0):
-    """Sliced 2-Wasserstein distance between point clouds x [n, d] and y [m, d]:
-    sqrt of the mean over random unit directions of W2^2 between the 1D projections. Quantiles are
-    compared on a common grid of min(n, m) levels, so n and m may differ. Fixed directions (seed)."""
-    x, y = x.detach().double().cpu().reshape(len(x), -1), y.detach().double().cpu().reshape(len(y), -1)
-    g = torch.Generator().manual_seed(seed)
-    dirs = torch.randn(x.shape[1], n_proj, generator=g, dtype=torch.float64)
-    dirs /= dirs.norm(dim=0, keepdim=True)
-    px, py = (x @ dirs).sort(dim=0).values, (y @ dirs).sort(dim=0).values          # (n, P), (m, P)
-    k = min(len(px), len(py))
-    levels = (torch.arange(k, dtype=torch.float64) + 0.5) / k
-    qx = torch.quantile(px, levels, dim=0) if len(px) != k else px
-    qy = torch.quantile(py, levels, dim=0) if len(py) != k else py
-    return float(((qx - qy) ** 2).mean().sqrt())
-
-
-# ==============================================================================================
-# FID (SPEC section 6): the Inception-v3 of pytorch-fid (https://github.com/mseitzer/pytorch-fid),
-# which reproduces the TensorFlow FID graph: in the pool branches of the A, C and first E blocks the
-# average pooling ignores padding, and the last E block max-pools. Its state dict uses torchvision's
-# module names, so we build torchvision's Inception3 and swap those blocks for these subclasses.
-
-FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
-
-
-def _fid_avg_pool(x):
-    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
-
-
-def _fid_max_pool(x):
-    return F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
-
-
-def _fid_blocks():
-    from torchvision.models import inception as tvi
-
-    class FIDInceptionA(tvi.InceptionA):
-        pool = staticmethod(_fid_avg_pool)
-
-        def _forward(self, x):
-            b5 = self.branch5x5_2(self.branch5x5_1(x))
-            b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-            return [self.branch1x1(x), b5, b3, self.branch_pool(self.pool(x))]
-
-    class FIDInceptionC(tvi.InceptionC):
-        pool = staticmethod(_fid_avg_pool)
-
-        def _forward(self, x):
-            b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-            bd = x
-            for i in range(1, 6):
-                bd = getattr(self, f"branch7x7dbl_{i}")(bd)
-            return [self.branch1x1(x), b7, bd, self.branch_pool(self.pool(x))]
-
-    class FIDInceptionE(tvi.InceptionE):
-        def __init__(self, in_channels, pool):
-            super().__init__(in_channels)
-            self.pool = pool
-
-        def _forward(self, x):
-            b3 = self.branch3x3_1(x)
-            b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
-            bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-            bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], 1)
-            return [self.branch1x1(x), b3, bd, self.branch_pool(self.pool(x))]
-
-    return tvi, FIDInceptionA, FIDInceptionC, FIDInceptionE
-
-
-class FIDInception(nn.Module):
-    """x: images in [-1, 1], any size -> (N, 2048) pool features (float32).
-
-    The features are computed in IEEE fp32 on every device (`ieee_fp32`: no TF32 convolutions on Ampere and
-    later GPUs, where PyTorch's default, and so pytorch-fid's, would allow them): FID then does not depend on
-    the GPU it was computed on, and statistics from a GPU and from a CPU agree to fp32 round-off. TF32 moves
-    the features by about 1e-4 relative and FID by about that much too, far below the FID's own sampling
-    noise, so published numbers computed with TF32 stay comparable."""
-
-    def __init__(self):
-        super().__init__()
-        tvi, A, C, E = _fid_blocks()
-        net = tvi.Inception3(num_classes=1008, aux_logits=False, init_weights=False, transform_input=False)
-        net.Mixed_5b, net.Mixed_5c, net.Mixed_5d = A(192, 32), A(256, 64), A(288, 64)
-        net.Mixed_6b, net.Mixed_6c, net.Mixed_6d, net.Mixed_6e = C(768, 128), C(768, 160), C(768, 160), C(768, 192)
-        net.Mixed_7b, net.Mixed_7c = E(1280, _fid_avg_pool), E(2048, _fid_max_pool)
-        self.net = net.eval().requires_grad_(False)
-
-    def load_state_dict(self, state_dict, strict=True):
-        return self.net.load_state_dict(state_dict, strict=strict)
-
-    @torch.no_grad()
-    def forward(self, x):
-        with ieee_fp32(), torch.autocast(x.device.type, enabled=False):
-            x = F.interpolate(x.float(), size=(299, 299), mode="bilinear", align_corners=False)
-            n = self.net
-            for layer in (n.Conv2d_1a_3x3, n.Conv2d_2a_3x3, n.Conv2d_2b_3x3, n.maxpool1, n.Conv2d_3b_1x1,
-                          n.Conv2d_4a_3x3, n.maxpool2, n.Mixed_5b, n.Mixed_5c, n.Mixed_5d, n.Mixed_6a, n.Mixed_6b,
-                          n.Mixed_6c, n.Mixed_6d, n.Mixed_6e, n.Mixed_7a, n.Mixed_7b, n.Mixed_7c):
-                x = layer(x)
-            return F.adaptive_avg_pool2d(x, 1).flatten(1)          # (N, 2048)
-
-
-FID_WEIGHTS_SHA256_PREFIX = "6726825d"      # the hash prefix in the published file name (torch.hub's convention)
-
-
-def _sha256(path):
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def load_fid_inception(weights=None, device="cpu"):
-    """The FID network with the standard weights: `weights` path, else the torch hub cache, else a
-    download; offline without them -> UserError naming the URL and where to put the file. A downloaded or
-    cached file must have the published hash (torch.hub checks the download, we check the cache); every
-    file is read with weights_only=True (plain tensors, no code)."""
-    net = FIDInception()
-    fname = os.path.basename(FID_WEIGHTS_URL)
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", fname)
-    path = weights or (cached if os.path.isfile(cached) else None)
-    if weights and not os.path.isfile(weights):
-        raise UserError(f"FID weights not found: {weights}")
-    if path == cached and not _sha256(cached).startswith(FID_WEIGHTS_SHA256_PREFIX):
-        raise UserError(f"{cached} does not have the published hash {FID_WEIGHTS_SHA256_PREFIX}...: a damaged or "
-                        f"foreign file; delete it (it is downloaded again when online) or pass --fid-weights PATH")
-    try:
-        if path:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            state = torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, progress=False, map_location="cpu",
-                                                       check_hash=True, weights_only=True)
-    except Exception as e:
-        raise UserError(f"could not get the FID Inception weights ({type(e).__name__}: {str(e).splitlines()[0][:80]}); "
-                        f"download {FID_WEIGHTS_URL} to {cached} or pass --fid-weights PATH") from None
-    if not isinstance(state, dict):
-        raise UserError(f"{path or fname} is not a state dict")
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as e:
-        reason = str(e).splitlines()[0][:100]
-        raise UserError(f"{path or fname} is not the FID Inception state dict ({reason})") from None
-    return net.to(device)
-
-
-def quantize_images(x):
-    """Generated images in [-1, 1] -> what a saved PNG holds: uint8 levels, returned in [-1, 1]."""
-    u8 = ((x.float() + 1) * 127.5).round().clamp(0, 255)
-    return u8 / 127.5 - 1
-
-
-def to_uint8(x):
-    """Images in [-1, 1], [N, C, H, W] -> uint8 [N, H, W, C] numpy, the levels quantize_images keeps."""
-    return ((x.detach().float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def from_uint8(arr):
-    """uint8 [N, H, W, C] -> float [N, C, H, W] in [-1, 1] (the inverse of to_uint8 on its levels)."""
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
-def save_pngs(images, folder):
-    """uint8 [N, H, W, C] -> folder/000000.png, 000001.png, ... (the layout FID tools read)."""
-    from PIL import Image
-    os.makedirs(folder, exist_ok=True)
-    for i, im in enumerate(images):
-        Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).save(os.path.join(folder, f"{i:06d}.png"))
-
-
-def remove_temporaries(folder):
-    """Delete the temporary files (of checkpoints, npz files, log.jsonl) that a killed process left in
-    `folder`; those of a process still running are kept."""
-    for name in os.listdir(folder):
-        m = re.search(r"\.tmp(\d+)(\.npz)?$", name)
-        if not m:
-            continue
-        try:
-            os.kill(int(m.group(1)), 0)                          # that process is alive: not ours to clean
-            if int(m.group(1)) != os.getpid():
-                continue
-        except (OSError, ValueError):
-            pass
-        try:
-            os.remove(os.path.join(folder, name))
-        except OSError:
-            pass
-
-
-def save_npz(path, images, labels=None):
-    """Samples as the ADM evaluation suite and DiT's sample_ddp.py write them: uint8 NHWC under `arr_0`
-    (class labels, if any, under `labels`). Written atomically (atomic_write)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    arrays = {"arr_0": images} if labels is None else {"arr_0": images, "labels": labels}
-    atomic_write(path, lambda f: np.savez(f, **arrays))
-
-
-FID_DIM = 2048                          # the Inception pool features FID compares
-
-
-class FeatureStats:
-    """Running float64 sums of Inception features; `finish()` all-reduces and returns (mu, sigma)."""
-
-    def __init__(self, dim=FID_DIM, device="cpu"):
-        self.n = torch.zeros((), dtype=torch.float64, device=device)
-        self.s1 = torch.zeros(dim, dtype=torch.float64, device=device)
-        self.s2 = torch.zeros(dim, dim, dtype=torch.float64, device=device)
-
-    def add(self, feats):
-        f = feats.double()
-        self.n += len(f)
-        self.s1 += f.sum(0)
-        self.s2 += f.T @ f
-
-    def finish(self):
-        n, s1, s2 = (all_reduce_sum(v.clone()) for v in (self.n, self.s1, self.s2))
-        mu = s1 / n
-        sigma = (s2 - n * torch.outer(mu, mu)) / (n - 1)
-        return mu.cpu().numpy(), sigma.cpu().numpy()
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)).
-
-    The eigenvalues of S1 S2 are those of (S1^(1/2) S2^(1/2)) (S1^(1/2) S2^(1/2))^T, so
-    tr((S1 S2)^(1/2)) is the sum of singular values (nuclear norm) of S1^(1/2) S2^(1/2). That needs two
-    symmetric eigendecompositions (round-off negatives clipped to 0) and one SVD: no general, possibly
-    complex sqrtm, and no squaring of the condition number."""
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
-
-    def psd_sqrt(s):
-        w, V = np.linalg.eigh((s + s.T) / 2)
-        return (V * np.sqrt(np.clip(w, 0, None))) @ V.T
-
-    tr_covmean = np.linalg.svd(psd_sqrt(s1) @ psd_sqrt(s2), compute_uv=False).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
-
-
-def inception_stats(images_iter, inception, device):
-    """Statistics of an iterable of image batches in [-1, 1] (this rank's share; all-reduced)."""
-    stats = FeatureStats(device=device)
-    for x in images_iter:
-        stats.add(inception(quantize_images(x.to(device))))
-    return stats.finish()
-
-
-def reference_stats_path(dataset, data_path):
-    return os.path.join(data_path or "./data", f"fid_stats_{dataset}_train.npz")
-
-
-def fid_reference(dataset, data_path=None, ref=None, weights=None, batch_size=250, dist_info=None, device=None):
-    """(mu, sigma) of the reference set. `ref` is an .npz with mu, sigma; for CIFAR-10 the stats of the
-    50k training images are computed once and cached next to the data."""
-    if ref:
-        if not os.path.isfile(ref):
-            raise UserError(f"FID reference statistics not found: {ref}")
-        mu, sigma = read_stats(ref)
-        if len(mu) != FID_DIM:
-            raise UserError(f"{ref} holds {len(mu)}-d statistics; FID's Inception features are {FID_DIM}-d")
-        return mu, sigma
-    path = reference_stats_path(dataset, data_path)
-    if os.path.isfile(path):
-        return read_stats(path)
-    if dataset != "cifar10":
-        raise UserError(f"no FID reference statistics for {dataset}: pass --fid-ref STATS.npz (keys mu, sigma)")
-    dist_info = dist_info or Dist(device=torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
-    data = CIFAR10(data_path or "./data")
-    inception = load_fid_inception(weights, dist_info.device)
-    idx = torch.arange(dist_info.rank, len(data), dist_info.world_size)
-    batches = (data.get(idx[i:i + batch_size])[0] for i in range(0, len(idx), batch_size))
-    mu, sigma = inception_stats(batches, inception, dist_info.device)
-    if dist_info.is_main:
-        try:
-            atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma))
-        except OSError as e:                                  # a read-only data folder: computed, not cached
-            print0(f"warning: could not cache the FID reference statistics in {path} ({e.strerror or e})")
-    return mu, sigma
-
-
-# ==============================================================================================
-# The digits figure (SPEC section 8): FID's recipe with a small classifier of 8x8 digits as the feature
-# network. The Frechet distance between generated and held-out digits in its penultimate features (the
-# same `frechet_distance` as FID), and the share of samples per predicted class (mode coverage).
-
-DIGITS_CLASSIFIER_VERSION = 1
-
-
-class DigitsClassifier(nn.Module):
-    """A small CNN for 8x8 digits: `features` are the 64-d penultimate activations (the counterpart of
-    Inception's 2048-d pool features), `forward` gives the 10 class logits."""
-
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),                     # (N, 32, 8, 8)
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),   # (N, 64, 4, 4)
-            nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (N, 128, 2, 2)
-            nn.Flatten(), nn.Linear(512, 64), nn.ReLU())                   # (N, 64)
-        self.head = nn.Linear(64, 10)
-
-    def features(self, x):
-        return self.body(x)
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
-
-def _train_digits_classifier(epochs=60, batch=64, lr=2e-3):
-    """Deterministic: a fixed seed, a fixed order of batches and one thread (so that the float sums do not
-    depend on the machine's thread count). Adam with a cosine learning-rate decay; every image is shifted
-    by up to one pixel at random, which makes the features robust to digits a pixel off centre. About
-    fifteen seconds on one CPU core."""
-    train, held = Digits("train"), Digits("held-out")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        g = torch.Generator().manual_seed(0)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            net = DigitsClassifier()
-        opt = torch.optim.Adam(net.parameters(), lr=lr)
-        total, done = epochs * math.ceil(len(train) / batch), 0
-        for _ in range(epochs):
-            order = torch.randperm(len(train), generator=g)
-            for i in range(0, len(order), batch):
-                x, y = train.get(order[i:i + batch])
-                padded = F.pad(x, (1, 1, 1, 1), value=-1.0)                 # (B, 1, 10, 10), background -1
-                crops = torch.stack([padded[:, :, dy:dy + 8, dx:dx + 8] for dy in range(3) for dx in range(3)])
-                x = crops[torch.randint(0, 9, (len(x),), generator=g), torch.arange(len(x))]   # (B, 1, 8, 8)
-                for group in opt.param_groups:
-                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * done / total))
-                loss = F.cross_entropy(net(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                done += 1
-        net.eval()
-        with torch.no_grad():
-            accuracy = float((net(held.images).argmax(1) == held.labels).float().mean())
-    finally:
-        torch.set_num_threads(threads)
-    return net, accuracy
-
-
-def digits_classifier(data_path=None, device="cpu", verbose=True):
-    """The classifier behind the digits figure: read from DATA/digits_classifier.pt, or trained once on the
-    training split and cached there (a plain state dict, read with weights_only=True). Its held-out
-    accuracy is printed."""
-    path = os.path.join(data_path or "./data", "digits_classifier.pt")
-    net, accuracy = DigitsClassifier(), None
-    if os.path.isfile(path):
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            if blob.get("version") == DIGITS_CLASSIFIER_VERSION:
-                net.load_state_dict(blob["state"])
-                accuracy = float(blob["accuracy"])
-        except Exception:                                  # unreadable or foreign: train a new one over it
-            accuracy = None
-    if accuracy is None:
-        net, accuracy = _train_digits_classifier()
-        if int(os.environ.get("RANK", 0)) == 0:
-            try:
-                save_checkpoint(path, {"version": DIGITS_CLASSIFIER_VERSION, "state": net.state_dict(),
-                                       "accuracy": accuracy})
-            except OSError as e:
-                print0(f"warning: could not cache the digits classifier in {path} ({e.strerror})")
-    if verbose:
-        print0(f"digits classifier: {100 * accuracy:.1f}% held-out accuracy ({path})")
-    return net.eval().requires_grad_(False).to(device), accuracy
-
-
-class DigitsQuality:
-    """score(images) -> {"fd": Frechet distance to the held-out digits, "class_share": [share of samples
-    per predicted class], "modes": exp(entropy of those shares), 10 when every digit is equally common}.
-    Images in [-1, 1] are quantised as a saved PNG would hold them (like FID's input) before the classifier
-    sees them. floor(): held-out against the training digits; ceiling(n): Gaussian noise images."""
-
-    def __init__(self, data_path=None, device="cpu", verbose=True):
-        self.device = torch.device(device)
-        self.net, self.accuracy = digits_classifier(data_path, self.device, verbose)
-        self.ref = self.stats(Digits("held-out").images)
-
-    @torch.no_grad()
-    def _run(self, images, batch=1000):
-        x = quantize_images(torch.as_tensor(images).float())
-        feats, preds = [], []
-        for chunk in x.split(batch):
-            f = self.net.features(chunk.to(self.device))
-            feats.append(f.double().cpu())
-            preds.append(self.net.head(f).argmax(1).cpu())
-        return torch.cat(feats), torch.cat(preds)
-
-    def stats(self, images):
-        feats = self._run(images)[0]
-        mu = feats.mean(0)
-        centred = feats - mu
-        return mu.numpy(), (centred.T @ centred / (len(feats) - 1)).numpy()
-
-    def score(self, images):
-        feats, preds = self._run(images)
-        mu = feats.mean(0)
-        centred = feats - mu
-        sigma = centred.T @ centred / (len(feats) - 1)
-        share = torch.bincount(preds, minlength=10).double() / len(preds)
-        entropy = -(share * share.clamp_min(1e-300).log()).sum()
-        return {"fd": frechet_distance(mu.numpy(), sigma.numpy(), *self.ref),
-                "class_share": [round(float(s), 4) for s in share], "modes": float(entropy.exp())}
-
-    def floor(self):
-        return self.score(Digits("train").images)
-
-    def ceiling(self, n=1000, seed=0):
-        return self.score(torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed)).clamp(-1, 1))
-
-
-# ==============================================================================================
-# Training infrastructure: EMA, checkpoints, logging, images
-
-class EMA:
-    """Exponential moving average of a model's weights: a fixed `decay` per step, or EDM's half-life
-    in images (`halflife_kimg`), beta = 0.5 ** (batch / (halflife_kimg * 1000)), so runs with different
-    batch sizes average over the same number of images. The copy is kept in eval mode."""
-
-    def __init__(self, model, decay=None, halflife_kimg=None):
-        if (decay is None) == (halflife_kimg is None):
-            raise ValueError("give exactly one of decay and halflife_kimg")
-        self.decay, self.halflife_kimg = decay, halflife_kimg
-        self.model = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
-
-    def beta(self, batch_size):
-        return self.decay if self.decay is not None else 0.5 ** (batch_size / (self.halflife_kimg * 1000))
-
-    @torch.no_grad()
-    def update(self, model, batch_size):
-        src = unwrap(model)
-        ema_p, p = list(self.model.parameters()), list(src.parameters())
-        torch._foreach_lerp_(ema_p, p, 1 - self.beta(batch_size))
-        for eb, b in zip(self.model.buffers(), src.buffers()):
-            eb.copy_(b)
-
-    def state_dict(self):
-        return self.model.state_dict()
-
-    def load_state_dict(self, state):
-        self.model.load_state_dict(state)
-
+# Files: every one written whole or not at all, checkpoints, sample files and grids, the log
 
 def atomic_write(path, write, mode="wb"):
     """Write `path` whole or not at all: write(f) fills a temporary file beside it (.NAME.tmpPID), which is
@@ -1679,6 +1664,41 @@ def load_state(obj, ckpt, name, path):
 def all_finite(module_or_state):
     state = module_or_state.state_dict() if isinstance(module_or_state, nn.Module) else module_or_state
     return all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v) and v.is_floating_point())
+
+
+def remove_temporaries(folder):
+    """Delete the temporary files (of checkpoints, npz files, log.jsonl) that a killed process left in
+    `folder`; those of a process still running are kept."""
+    for name in os.listdir(folder):
+        m = re.search(r"\.tmp(\d+)(\.npz)?$", name)
+        if not m:
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)                          # that process is alive: not ours to clean
+            if int(m.group(1)) != os.getpid():
+                continue
+        except (OSError, ValueError):
+            pass
+        try:
+            os.remove(os.path.join(folder, name))
+        except OSError:
+            pass
+
+
+def save_npz(path, images, labels=None):
+    """Samples as the ADM evaluation suite and DiT's sample_ddp.py write them: uint8 NHWC under `arr_0`
+    (class labels, if any, under `labels`). Written atomically (atomic_write)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    arrays = {"arr_0": images} if labels is None else {"arr_0": images, "labels": labels}
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def save_pngs(images, folder):
+    """uint8 [N, H, W, C] -> folder/000000.png, 000001.png, ... (the layout FID tools read)."""
+    from PIL import Image
+    os.makedirs(folder, exist_ok=True)
+    for i, im in enumerate(images):
+        Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).save(os.path.join(folder, f"{i:06d}.png"))
 
 
 def image_grid(images, nrow, pad_value=0.0):
@@ -1808,7 +1828,10 @@ def write_json(path, obj):
 #     after the same step. `--resume` then continues exactly where the run stopped.
 
 EXIT_USER_ERROR, EXIT_RUN_ERROR = 2, 1
+
+
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+
 
 COMMON_DEFAULTS = dict(
     dataset=None, data_path=None, out=None, steps=2000, batch_size=256, batch_gpu=None, lr=1e-3, model="MLP",
@@ -1819,16 +1842,19 @@ COMMON_DEFAULTS = dict(
     deterministic=False, compile=False, guard="light", device=None, threads=None, eval_samples=None, vae=None,
 )
 
+
 # What --sample-only may set: which samples, how many, where they go and how they are scored, not what the
 # checkpoint holds. A method adds its own sampling settings (its RESUMABLE).
 SAMPLING = {"sample_only", "ckpt", "out", "n", "npz", "png_dir", "classes", "nfe", "fid", "fid_weights", "fid_ref",
             "fid_batch", "eval_samples", "seed", "device", "threads", "bf16", "tf32", "deterministic", "data_path",
             "vae"}
 
+
 # The checkpoints a run is trained from (sCD's and DE-CM's --teacher, sCM's --init): saved as absolute paths;
 # --resume takes another path for one only where it is the same file, or where the saved one is gone (the
 # user moved it; the teacher's shape is checked again when it loads).
 INPUT_FILES = ("teacher", "init")
+
 
 # What --resume may change: how long, how fast and how the run reports and samples, not what its checkpoint
 # holds (model, method variant, data, teacher...). A method adds its own sampling-only settings.
@@ -1893,7 +1919,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def base_parser(method, description):
-    """The flags every method script shares (SPEC section 1). Defaults are None so a flag given on the
+    """The flags every method script shares. Defaults are None so a flag given on the
     command line can be told from one left to the preset (see resolve_config); `parse` shows each flag's
     value for the chosen preset in --help."""
     p = OneLineErrorParser(prog=f"{method}.py", description=description, add_help=False,
@@ -2436,6 +2462,7 @@ class Run:
         self._timed_n, self._first_step_sec = 0, None
         self._bar = self._state = self._samplers = self._data = None
         self.logger = JSONLLogger(os.path.join(self.out, "log.jsonl"), self.is_main)
+        self.samples = RunSamples(cfg, self.dist, self.out)
 
     # -- start ---------------------------------------------------------------------------------
     def start(self, state, describe="", samplers=None, data=None):
@@ -2747,7 +2774,7 @@ class Run:
         cfg = self.cfg
         stop = self._stop_requested()
         if cfg["sample_every"] and done % cfg["sample_every"] == 0:
-            self.save_samples(f"step{done}", sample, data)
+            self.samples.save(f"step{done}", sample, data)
         every = cfg["snapshot_every"]
         if every and int(self.kimg(done) // every) > int(self.kimg(step) // every):
             self.snapshot(done, state)
@@ -2780,7 +2807,37 @@ class Run:
                       + (f"; removed {', '.join(removed)}" if removed else ""),
                       step=step, kimg=kimg, snapshot=name, removed=removed)
 
-    # -- samples and evaluation ----------------------------------------------------------------
+    def finish(self, tag=None, sample=None, data=None, close=True):
+        """End of a run (or of --sample-only): grids tagged `tag` (default step<steps>), eval.json, from the
+        samplers and data given to start unless given here; then the signals, the thread count and (with
+        close) the process group are released."""
+        tag = tag or f"step{self.cfg['steps']}"
+        sample, data = (self._samplers, self._data) if sample is None else (sample, data)
+        self._release_signals()
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        self.lock.acquire()                                         # --sample-only writes OUT from here on
+        self.samples.save(tag, sample, data)
+        self.samples.evaluate(sample, data)
+        self.lock.release()
+        torch.set_num_threads(self._threads_before)
+        if close:
+            self.close()
+
+    def close(self):
+        if tdist.is_initialized():
+            tdist.barrier()
+            tdist.destroy_process_group()
+
+
+class RunSamples:
+    """A run's samples: grids, --npz / --png-dir exports and the end-of-run evaluation (eval.json), drawn in seeded
+    batches shared out over the ranks, so that a seed gives the same samples on one process or many."""
+
+    def __init__(self, cfg, dist_info, out):
+        self.cfg, self.dist, self.device, self.out, self.is_main = cfg, dist_info, dist_info.device, out, dist_info.is_main
+
     def generator(self, salt=0):
         """A private CPU generator for sampling, so sampling never moves the training RNG streams."""
         return torch.Generator().manual_seed(self.cfg["seed"] * 1000003 + salt * 1009 + self.dist.rank)
@@ -2830,24 +2887,6 @@ class Run:
         labels = None if parts[0][2] is None else np.concatenate([p[2] for p in parts])
         return np.concatenate([p[1] for p in parts]), labels
 
-    def finish(self, tag=None, sample=None, data=None, close=True):
-        """End of a run (or of --sample-only): grids tagged `tag` (default step<steps>), eval.json, from the
-        samplers and data given to start unless given here; then the signals, the thread count and (with
-        close) the process group are released."""
-        tag = tag or f"step{self.cfg['steps']}"
-        sample, data = (self._samplers, self._data) if sample is None else (sample, data)
-        self._release_signals()
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-        self.lock.acquire()                                         # --sample-only writes OUT from here on
-        self.save_samples(tag, sample, data)
-        self.evaluate(sample, data)
-        self.lock.release()
-        torch.set_num_threads(self._threads_before)
-        if close:
-            self.close()
-
     def export(self, samplers, data):
         """--sample-only with --npz OUT.npz and/or --png-dir DIR: cfg.n samples per sampler and NFE, drawn in
         seeded batches shared out over the ranks (the same samples for a seed on any number of processes).
@@ -2879,7 +2918,7 @@ class Run:
                 save_pngs(x, png)
                 print0(f"wrote {len(x)} PNG files to {png}")
 
-    def save_samples(self, tag, samplers, data):
+    def save(self, tag, samplers, data):
         """Grids (scatter plots for toy data) per sampler and NFE: samples/{tag}[_{name}]_nfe{k}.png.
 
         samplers: {name: (sample_fn, nfes)}, name "" for the method's own sampler;
@@ -2899,7 +2938,7 @@ class Run:
 
     def evaluate(self, samplers, data):
         """End-of-run evaluation into eval.json (a collective: every rank calls it). samplers: {name:
-        (sample_fn, nfes)} as in save_samples. For every sampler and NFE, eval_samples samples are written
+        (sample_fn, nfes)} as in save. For every sampler and NFE, eval_samples samples are written
         to samples/[<name>_]nfe{k}.npy (toy points, float32 [n, d]) or .npz (images, uint8 NHWC under
         `arr_0`, the ADM evaluation-suite format) and scored: toy sets by the sliced Wasserstein distance
         to held-out data ({"swd": {"1": ...}}, held-out points in samples/data.npy), digits by the digits
@@ -2951,11 +2990,6 @@ class Run:
         print0(f"FID ({cfg['fid']} samples, sampler {name or 'default'}, {nfe} NFE): {value:.3f}")
         return value
 
-    def close(self):
-        if tdist.is_initialized():
-            tdist.barrier()
-            tdist.destroy_process_group()
-
 
 def sample_only(cfg, networks, samplers):
     """--sample-only, for every method: the EMA weights of --ckpt in the networks networks(cfg, data) builds
@@ -2968,7 +3002,7 @@ def sample_only(cfg, networks, samplers):
     for key, net in nets.items():
         load_state(net, ckpt, key, cfg["ckpt"])
     sample = samplers({key: net.to(run.device).eval() for key, net in nets.items()}, cfg, data, run.device)
-    run.export(sample, data)
+    run.samples.export(sample, data)
     run.finish("sample", sample, data)
 
 
@@ -2994,11 +3028,6 @@ def make_optimizer(kind, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=
 
 def make_ema(model, cfg):
     return EMA(model, decay=cfg.get("ema_decay"), halflife_kimg=cfg.get("ema_halflife_kimg"))
-
-
-def randn(shape, generator, device, std=1.0):
-    """Gaussian noise drawn on the host from `generator` (device-independent), moved to `device`."""
-    return (std * torch.randn(*shape, generator=generator)).to(device)
 
 
 # ==============================================================================================

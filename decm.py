@@ -31,6 +31,20 @@ Table 3 a-g: --losses fm | cd | fm,cd | fm,n2n | fm,cd,n2n (rows a/b are the tea
 Table 4: --samplers euler cm mix --nfe 4 8 12 16 on a trained student. Without --teacher, a run with
 CD or N2N first trains the FM teacher for --teacher-steps into OUT/teacher; with --teacher-steps 0 it
 trains from scratch on v_t = x - z (Alg. 1 l.6 comment).
+
+Reading guide, in Algorithm 1's order:
+    Eq. (3), the FM teacher ..................................... teacher_loss
+    Alg. 1 l.1, the student from the teacher .................... load_teacher, build_net
+    Alg. 1 l.2-6 (and l.18-21), noise, times, z_t, z_r, v_phi .. prepare, time_schedule, guided_velocity (Eq. 18)
+    Eq. (9), the flow map ........................................ flow_map
+    Eq. (10)/(11), Alg. 1 l.8-9, g_cm by a JVP ................... cm_residual, cm_step
+    Alg. 1 l.10-11 / l.24-25, v^tar = sg(F) - w g, w_1, w_2 ...... consistency_residual, weight, adaptive_loss
+    Eq. (17), Alg. 1 l.13-14, L_fm ............................... fm_loss, cosine_loss
+    Alg. 1 l.8-15, the CD + FM update ............................ cd_fm_loss
+    Eq. (12)-(15), Alg. 1 l.17-28, g_n2n and the N2N + FM update . n2n_residual, n2n_fm_loss
+    Alg. 1, the loop ............................................... train
+    Section 4.5, Fig. 5, Table 4, the samplers .................. sample_euler, sample_cm, sample_mix, sample_auto
+    Section 5.1, the settings ..................................... PRESETS, ROLE_PRESETS
 """
 import argparse
 import functools

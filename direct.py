@@ -19,6 +19,17 @@ at every step (Algorithm 1); there is no teacher and no distillation stage.
 Ablations: --no-stop-grad (Table 3), --param w for phi = x + w(x, t) (Table 4), --dt (Table 2).
 `--nfe` evaluates the direct one-step map (it has no multi-step use, Section 7); `--euler-steps`
 evaluates the jointly trained v_theta with the Euler sampler, the flow-matching rows of Table 1.
+
+Reading guide, in the paper's order:
+    Eq. (2)/(14), the straight path, noise at t = 0 ........ INTERP (common.NoiseAt0)
+    Eq. (15), Alg. 1 l.5-8, the CFM loss of v_theta ........ cfm_loss
+    Eq. (4), the flow map phi(x0, t) = x0 + t w(x0, t) ...... flow, direct_path
+    Eq. (7), (12)/(13), propagating w by a forward difference  propagate
+    Eq. (16), Alg. 1 l.10-13, the propagation loss .......... propagation_target, propagation_loss
+    Alg. 1, one step of both networks ....................... draw, direct_losses (train: the update order)
+    Eq. (17), one-step sampling ............................. sample_direct
+    Eq. (1), Table 1, the Euler baseline on v_theta ......... sample_euler
+    Table 5, the settings ..................................... PRESETS
 """
 import argparse
 

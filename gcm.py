@@ -22,7 +22,24 @@ uniform-power density (Eq. 17) and t from [s, tT] as an auxiliary task (pushforw
     python gcm.py --sample-only --ckpt runs/gcm-cifar10/ckpt.pt --nfe 1 2 --fid 50000
 
 Every module of Tables 2, 3 and 7 is a flag (--h, --time-precond, --weight, --t-dist, --mmd-group,
---mmd-sigma, --mmd-share-time, --jvp, --curriculum, --nu); the README lists the rows A-L.
+--mmd-sigma, --mmd-share-time, --jvp, --curriculum, --nu): Table 2 (CU) A: --h constant --time-precond linear
+--weight none --t-dist uniform --mmd-group 1, then B adds --h exp, C --time-precond exp, D --weight gamma,
+E --t-dist sine, F the MMD (the defaults); Table 3 (VU) G-L the same with --variant vu.
+
+Reading guide, in the paper's order:
+    Eq. (1)/(2), the OT interpolant, data at t = 0 .......... INTERP (common.NoiseAt1)
+    Eq. (3)/(4), Section 3.1's c_in / c_out ................. f_theta, g_theta, precond
+    Eq. (8)/(36), Eqs. (26)-(35), App. C.3, the step h(t) ... STEP_SIZES, discretize, matched_eps
+    Eq. (9), App. C.4, time preconditioning ................. time_input
+    Eq. (14), the Gamma weight ................................ loss_weight
+    Eqs. (15)-(17), App. E, sampling t and s ................ t_distribution, sample_times
+    Eq. (5) as Eq. (39), App. D.1 ............................. flow_pair, consistency_residual
+    Eq. (6), continuous time by a JVP ........................ analytic_residual
+    Eq. (40), Eqs. (44)-(46), the time-aware MMD ............ mmd_particles, time_aware_mmd
+    Table 1, the whole loss .................................. draw, gcm_losses
+    App. G.1, the curriculum and the samplers ............... curriculum_eps, sampling_times, sample_restart,
+                                                                sample_pushforward
+    Table 1, App. G, the settings ............................ DEFAULTS, VARIANT_DEFAULTS, PRESETS
 """
 import argparse
 import math

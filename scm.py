@@ -25,6 +25,22 @@ x0 = f(sigma_d z, t_max), or two with the intermediate time t = 1.1.
 
 Ablations: --tangent clip|raw (Fig. 5a), --no-adaptive-weight (Fig. 5b), --discrete-steps N (discrete-time
 sCM, App. E, Fig. 5c), --warmup-iters 0 (no tangent warmup), --time-scale / --adanorm (Section 4.1).
+
+Reading guide, in the paper's order (Algorithm 1 and App. G are in its appendix):
+    Section 3, TrigFlow x_t = cos t x0 + sin t z ........... common.TrigFlow
+    Alg. 1 l.2, the log-normal time proposal ............... sample_time
+    Eq. (4), the diffusion (teacher) objective ............. diffusion_loss, teacher_losses
+    Eq. (3), the PF-ODE and the teacher's velocity (CFG) ... teacher_velocity, ddim_step, sample_ode
+    Eq. (5), the consistency function ....................... consistency_fn
+    Alg. 1 l.1, theta <- theta_pretrain ..................... load_pretrained, init_from
+    Alg. 1 l.4-6, Eq. (6), the JVP rearrangement (5.1) ..... tangent (warmup r included)
+    Alg. 1 l.7, tangent normalisation / clipping (4.2) ..... normalize_tangent
+    Alg. 1 l.8, Eq. (8), the adaptive weight (App. D) ...... AdaptiveWeight
+    Alg. 1, one whole step ................................... draw, scm_losses
+    App. E, discrete time .................................... edm_times, sample_discrete_times, discrete_tangent
+    Section 5.2, guidance as a student input ................ guidance_scale, build_net
+    Section 5.2, 1- and 2-step sampling (t = 1.1) ........... consistency_times, sample_consistency
+    App. G, the settings ...................................... DEFAULTS, PRESETS
 """
 import argparse
 import functools

@@ -1,4 +1,4 @@
-"""The GPU path (SPEC section 10), wherever PyTorch sees a CUDA GPU; skipped, with the reason, elsewhere. With
+"""The GPU path, wherever PyTorch sees a CUDA GPU; skipped, with the reason, elsewhere. With
 tests/test_accumulation.py's and tests/test_precision.py's cuda cases (--batch-gpu accumulation, and the
 precision oracles under CUDA bf16 with TF32 on) this is the CUDA part of the suite:
 

@@ -1,4 +1,4 @@
-"""Interpolant identities and the closed-form Gaussian flow (SPEC section 7)."""
+"""Interpolant identities and the closed-form Gaussian flow."""
 import math
 
 import pytest

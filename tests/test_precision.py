@@ -1,4 +1,4 @@
-"""--bf16 keeps the maths (SPEC sections 9 and 10, common.py "Precision"): for every method, at the closed-form
+"""--bf16 keeps the maths (common.py, "Precision"): for every method, at the closed-form
 Gaussian solution, the target computed under bf16 autocast equals the fp32 target to fp32 accuracy, not bf16's
 (the exact policy, the default); on a CUDA GPU the same holds with TF32 on outside the target passes. The
 networks are tests/oracles.py's exact solutions, which compute through a matrix product that autocast runs in
