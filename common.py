@@ -356,12 +356,13 @@ class Passes:
         return f
 
 
-def target(fn, *args, **kw):
+def target(fn, *args, keep_graph=False, **kw):
     """fn(*args, **kw) as a target pass: no gradient, the networks among the arguments in eval mode (no dropout
     of their own: a velocity that enters a target is a function of its inputs) and in the target precision
-    (that of the first tensor argument's device), each network's output and the result in fp32 at least."""
+    (that of the first tensor argument's device), each network's output and the result in fp32 at least.
+    keep_graph=True keeps the graph through the inputs (an ablation's target with its gradient)."""
     like = next(a for a in args if torch.is_tensor(a))
-    with torch.no_grad(), eval_mode(*args), target_precision(like):
+    with torch.set_grad_enabled(keep_graph and torch.is_grad_enabled()), eval_mode(*args), target_precision(like):
         return wide(fn(*(_Widened(a) if isinstance(a, nn.Module) else a for a in args), **kw))
 
 

@@ -93,39 +93,40 @@ def propagation_loss(w_model, v_model, x0, t, dt, y=None, param="tw", stop_grad=
         x'_t = x0 + t' sg[w_nu(x0, t')].
     The loss trains nu only: v_theta is evaluated without gradient to theta (theta learns from Eq. 15
     alone). stop_grad=False is the Table 3 ablation: the gradient then also flows through w_nu(x0, t')
-    and through x'_t into v_theta's input (not into theta); v_theta still runs in eval mode, as a target pass.
-    There w_nu(x0, t') is both a prediction (its gradient) and part of the target (its value): its value is
-    the target pass's where the gradient pass does not compute it as a target pass would (--bf16 under the
-    exact policy, TF32), its gradient the gradient pass's (w + sg(w_exact - w))."""
-    w, v_net = common.Passes(w_model), common.unwrap(v_model)         # v_theta only builds the target here
+    and through x'_t into v_theta's input (not into theta); v_theta still runs in eval mode, as a target pass."""
+    w, v = common.Passes(w_model), common.Passes(v_model)        # v_theta's passes here are target passes only
     if stop_grad:
-        return common.mse(w.grad(x0, t + dt, y=y), propagation_target(w.net, v_net, x0, t, dt, y, param, cfg_scale))
+        target = propagation_target(w.net, v.net, x0, t, dt, y, param, cfg_scale)
+        return common.mse(w.grad(x0, t + dt, y=y), target)
     # both w evaluations in one call: DDP allows one forward per backward
     y2 = None if y is None else torch.cat([y, y])
     w_prev, w_next = w.grad(torch.cat([x0, x0]), torch.cat([t, t + dt]), y=y2).chunk(2)
-    return common.mse(w_next, ablation_target(w_prev, w.net, v_net, x0, t, dt, y, param, cfg_scale))
+    return common.mse(w_next, ablation_target(w_prev, w.net, v.net, x0, t, dt, y, param, cfg_scale))
 
 
 def ablation_target(w_prev, w_net, v_net, x0, t, dt, y=None, param="tw", cfg_scale=1.0):
     """Table 3's target without stop-gradients: (t' - dt)/t' w_nu(x0, t') + dt/t' v_theta(x'_t, t') with the
     gradient through w_prev = w_nu(x0, t') of the gradient pass, in both places, and through x'_t into v_theta's
-    input (not its parameters: `frozen`). w_prev's value is the target pass's (Passes.detached); v_theta runs
-    as a target pass would, in eval mode and the target precision, but keeps the graph."""
+    input (not its parameters: Frozen). w_prev is both a prediction (its gradient) and part of the target (its
+    value): its value is the target pass's where the gradient pass does not compute it as a target pass would
+    (--bf16 under the exact policy, TF32), its gradient the gradient pass's (w + sg(w_exact - w))."""
     w_prev = w_prev + (common.Passes(w_net).detached(w_prev, x0, t, y=y) - w_prev).detach()
-    with common.eval_mode(v_net), common.target_precision(x0):
-        v = common.wide(velocity(frozen(v_net), flow(w_prev, x0, t, param), t, y, cfg_scale))
+    x_t = flow(w_prev, x0, t, param)
+    v = common.target(velocity, Frozen(v_net), x_t, t, y, cfg_scale, keep_graph=True)
     return propagate(w_prev, v, t, dt, param)
 
 
-def frozen(module):
-    """The module as a function of its inputs only: parameters detached (no gradient to them)."""
-    params = {k: p.detach() for k, p in module.named_parameters()}
-    buffers = dict(module.named_buffers())
+class Frozen(torch.nn.Module):
+    """A network as a function of its inputs only: its parameters detached (no gradient to them)."""
 
-    def call(*args, **kwargs):
-        return torch.func.functional_call(module, {**params, **buffers}, args, kwargs)
-    call.null_label = getattr(module, "null_label", None)
-    return call
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.null_label = net, getattr(net, "null_label", None)
+        self.train(getattr(net, "training", False))
+
+    def forward(self, *inputs, **kw):
+        state = {**{k: p.detach() for k, p in self.net.named_parameters()}, **dict(self.net.named_buffers())}
+        return torch.func.functional_call(self.net, state, inputs, kw)
 
 
 def draw(x1, y, cfg):
