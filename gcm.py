@@ -22,9 +22,17 @@ uniform-power density (Eq. 17) and t from [s, tT] as an auxiliary task (pushforw
     python gcm.py --sample-only --ckpt runs/gcm-cifar10/ckpt.pt --nfe 1 2 --fid 50000
 
 Every module of Tables 2, 3 and 7 is a flag (--h, --time-precond, --weight, --t-dist, --mmd-group,
---mmd-sigma, --mmd-share-time, --jvp, --curriculum, --nu): Table 2 (CU) A: --h constant --time-precond linear
---weight none --t-dist uniform --mmd-group 1, then B adds --h exp, C --time-precond exp, D --weight gamma,
-E --t-dist sine, F the MMD (the defaults); Table 3 (VU) G-L the same with --variant vu.
+--mmd-sigma, --mmd-share-time, --jvp, --curriculum, --nu). The rows of Table 2 (CU; Table 3's G-L: add
+--variant vu), each adding one module to the one before:
+    A / G  --h constant --time-precond linear --weight uniform --t-dist uniform --mmd-group 1
+    B / H  --time-precond linear --weight uniform --t-dist uniform --mmd-group 1      (+ h(t), Eq. 8)
+    C / I  --weight uniform --t-dist uniform --mmd-group 1                          (+ c(t), Eq. 9)
+    D / J  --t-dist uniform --mmd-group 1                                           (+ the Gamma weight)
+    E / K  --mmd-group 1                                                            (+ sine t-sampling)
+    F / L  (the defaults)                                                           (+ the time-aware MMD)
+Table 7: (b) --h <shape>; (c) row B with --time-precond linear [--time-scale 1000]; (d) --curriculum; (f)
+--variant vu --nu N; (g) --t-dist uniform, --dist-b 0.1 / 0.001, --t-dist cosh; (i) VU with --mmd-group 1,
+--mmd-group 2 --mmd-share-time --mmd-sigma inf, or the defaults; (j) --jvp analytic --mmd-group 1.
 
 Reading guide, in the paper's order:
     Eq. (1)/(2), the OT interpolant, data at t = 0 .......... INTERP (common.NoiseAt1)

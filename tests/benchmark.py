@@ -627,6 +627,15 @@ CHAINS = {
     "direct-no-sg": ("direct.py", ["--no-stop-grad"], None, _DIRECT_EVAL,
                      {"direct-no-sg/one-step": "", "direct-no-sg/v-euler": "_euler"}),
 }
+# Sampler settings the papers chose for their data, scored again at the largest budget (RUN/at-<k>x-<name>): the
+# intermediate time of sCM's 2-step sampler (1.1, chosen for CIFAR-10) and of GCM's 2-step samplers (t1 = 0.6),
+# and the deterministic steps of DE-CM's Mix sampler (the paper does not give the split).
+CURVE_SWEEPS = {"sct": {f"mid{t}": ["--nfe", "2", "--mid-times", str(t)] for t in (0.5, 0.8, 1.3)},
+                "scd": {f"mid{t}": ["--nfe", "2", "--mid-times", str(t)] for t in (0.5, 0.8, 1.3)},
+                "gcm-cu": {f"t1-{t}": ["--nfe", "2", "--t1", str(t)] for t in (0.3, 0.45, 0.8)},
+                "gcm-vu": {f"t1-{t}": ["--nfe", "2", "--t1", str(t)] for t in (0.3, 0.45, 0.8)},
+                "decm": {f"split{k}": ["--samplers", "mix", "--mix-split", str(k), "--nfe", "4", "8", "16"]
+                         for k in (2, 3)}}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -663,12 +672,14 @@ def curve_jobs(cv):
                 if os.path.isfile(os.path.join(out, "ckpt.pt")):
                     argv.append("--resume")
                 train.append((f"seed{seed}/{chain}/train", argv, ready))
-            for k in cv.budgets:
-                snap, done = snapshot_at(out, k * cv.unit), os.path.join(out, f"at-{k}x", "eval.json")
+            evals = [(k, "", eval_flags) for k in cv.budgets]
+            evals += [(max(cv.budgets), "-" + name, flags) for name, flags in CURVE_SWEEPS.get(chain, {}).items()]
+            for k, name, flags in evals:
+                snap, done = snapshot_at(out, k * cv.unit), os.path.join(out, f"at-{k}x{name}", "eval.json")
                 if snap and os.path.isfile(snap) and not os.path.isfile(done):
                     argv = [script, "--sample-only", "--ckpt", snap, "--out", os.path.dirname(done), "--threads", "1",
-                            "--eval-samples", str(cv.eval_samples), *eval_flags]
-                    score.append((f"seed{seed}/{chain}/eval-{k}x", argv, True))
+                            "--eval-samples", str(cv.eval_samples), *flags]
+                    score.append((f"seed{seed}/{chain}/eval-{k}x{name}", argv, True))
     return score + train
 
 
@@ -770,7 +781,7 @@ def curves_report(cv, flops):
     fm_unit = flops["fm"]["flops_per_update"] * cv.unit
     report = {"setting": {"unit_steps": cv.unit, "budgets": cv.budgets, "seeds": cv.seeds, "flags": cv.flags,
                           "teacher_budget": cv.teacher_budget, "eval_samples": cv.eval_samples},
-              "chains": {}, "rows": {}, "seconds": {}}
+              "chains": {}, "rows": {}, "seconds": {}, "sweeps": {}}
     for chain in cv.chains:
         teacher, f = CHAINS[chain][2], flops[chain]
         report["chains"][chain] = {
@@ -789,6 +800,12 @@ def curves_report(cv, flops):
                         {str(n): v for n, v in digits_scores(ev, suffix).items()}
                 report["seconds"].setdefault(chain, {}).setdefault(str(k), {})[str(seed)] = \
                     train_seconds(out, k * cv.unit)
+            for name in CURVE_SWEEPS.get(chain, {}):
+                ev = common.read_json(os.path.join(out, f"at-{max(cv.budgets)}x-{name}", "eval.json"))
+                for row, suffix in CHAINS[chain][4].items():
+                    if ev and "fd" + suffix in ev:
+                        report["sweeps"].setdefault(row, {}).setdefault(name, {})[str(seed)] = \
+                            {str(n): v for n, v in digits_scores(ev, suffix).items()}
     return report
 
 
@@ -820,104 +837,108 @@ def curves_markdown(report):
     return "\n".join(lines)
 
 
-# The lines of the compute figure, a panel per NFE: the few-step rows, and the multi-step baselines for reference
-# at 100 steps (dashed) and at the panel's NFE (dotted).
-CURVE_LINES = {"scm/sct": "sCT", "scm/scd": "sCD", "gcm/cu-restart": "GCM CU, restart",
-               "gcm/vu-pushforward": "GCM VU, pushforward", "decm/cm": "DE-CM, CM", "decm/mix": "DE-CM, Mix",
-               "direct/one-step": "Direct, one step"}
-CURVE_REFERENCES = {"fm/euler": "flow matching, Euler", "scm/teacher-ode": "TrigFlow teacher, ODE",
-                    "direct/v-euler": "Direct's v, Euler"}
+# The papers' few-step claims that digits can test: (paper, claim, [(row a, nfe a), (row b, nfe b)]) reading
+# "a beats b" (a lower FD), compared seed by seed at the largest budget (the same seed's runs share their data
+# order and noise draws).
+CLAIMS = [
+    ("sCM", "2 steps better than 1 (sCT)", ("scm/sct", 2), ("scm/sct", 1)),
+    ("sCM", "2 steps better than 1 (sCD)", ("scm/scd", 2), ("scm/scd", 1)),
+    ("sCM", "sCD at 2 steps close to (here: better than) its teacher's ODE at 8 steps", ("scm/scd", 2), ("scm/teacher-ode", 8)),
+    ("GCM", "CU's restart sampler improves with steps (2 vs 1)", ("gcm/cu-restart", 2), ("gcm/cu-restart", 1)),
+    ("GCM", "VU's pushforward sampler improves with steps (2 vs 1)", ("gcm/vu-pushforward", 2), ("gcm/vu-pushforward", 1)),
+    ("GCM", "VU better than CU at 1 step", ("gcm/vu-pushforward", 1), ("gcm/cu-restart", 1)),
+    ("GCM", "VU better than CU at 2 steps", ("gcm/vu-pushforward", 2), ("gcm/cu-restart", 2)),
+    ("DE-CM", "Mix better than CM at 4 NFE", ("decm/mix", 4), ("decm/cm", 4)),
+    ("DE-CM", "Mix better than CM at 8 NFE", ("decm/mix", 8), ("decm/cm", 8)),
+    ("DE-CM", "Mix better than CM at 16 NFE", ("decm/mix", 16), ("decm/cm", 16)),
+    ("DE-CM", "N2N improves multi-step sampling (Mix, 4 NFE)", ("decm/mix", 4), ("decm-no-n2n/mix", 4)),
+    ("DE-CM", "N2N improves multi-step sampling (Euler, 50 NFE)", ("decm/euler", 50), ("decm-no-n2n/euler", 50)),
+    ("DE-CM", "N2N keeps few-step quality (CM, 1 NFE)", ("decm/cm", 1), ("decm-no-n2n/cm", 1)),
+    ("Direct", "one step better than flow matching's 4 Euler steps", ("direct/one-step", 1), ("fm/euler", 4)),
+    ("Direct", "one step better than its own v_theta's 4 Euler steps", ("direct/one-step", 1), ("direct/v-euler", 4)),
+    ("Direct", "(not claimed) one step as good as 100 Euler steps", ("direct/one-step", 1), ("fm/euler", 100)),
+    ("Direct", "stop-gradients better than none (Table 3)", ("direct/one-step", 1), ("direct-no-sg/one-step", 1)),
+]
+
+
+def curves_claims(report, k=None):
+    """Each claim at budget k (default the largest): the FD of both sides (median [lowest, highest] over the
+    seeds) and in how many seeds a beats b; "shows" when it does in every seed, "mixed" in some."""
+    k = k or max(report["setting"]["budgets"])
+    out = []
+    for paper, claim, (ra, na), (rb, nb) in CLAIMS:
+        seeds = [s for s in report["rows"].get(ra, {}).get(str(k), {})
+                 if s in report["rows"].get(rb, {}).get(str(k), {})]
+        if not seeds:
+            continue
+        fd = lambda row, n, s: report["rows"][row][str(k)][s][str(n)]["fd"]          # noqa: E731
+        wins = sum(fd(ra, na, s) < fd(rb, nb, s) for s in seeds)
+        verdict = "shows" if wins == len(seeds) else "does not show" if wins == 0 else "mixed"
+        out.append(dict(paper=paper, claim=claim, a=band(report, ra, k, na), b=band(report, rb, k, nb),
+                        wins=wins, seeds=len(seeds), verdict=verdict))
+    return out
+
+
+def claims_markdown(claims):
+    def fmt(b):
+        return f"{b[0]:.0f}" + (f" [{b[1]:.0f}, {b[2]:.0f}]" if b[3] > 1 else "")
+    lines = ["| paper | claim | FD, a | FD, b | seeds where a beats b | verdict |", "|---|---|---|---|---|---|"]
+    lines += [f"| {c['paper']} | {c['claim']} | {fmt(c['a'])} | {fmt(c['b'])} | {c['wins']} of {c['seeds']} | "
+              f"{c['verdict']} |" for c in claims]
+    return "\n".join(lines)
+
+
+# The lines of the compute figure, a panel per NFE: the few-step rows in colour, and for reference the multi-step
+# rows at 100 steps (dashed) and flow matching at the panel's NFE (dotted).
+CURVE_LINES = {"scm/sct": ("sCT", "tab:blue"), "scm/scd": ("sCD", "tab:cyan"),
+               "gcm/cu-restart": ("GCM CU, restart", "tab:green"), "gcm/vu-pushforward": ("GCM VU, pushforward", "tab:olive"),
+               "decm/cm": ("DE-CM, CM", "tab:red"), "decm/mix": ("DE-CM, Mix", "tab:orange"),
+               "direct/one-step": ("Direct, one step", "tab:purple")}
+CURVE_REFERENCES = {"fm/euler": ("flow matching, Euler", "0.35"), "scm/teacher-ode": ("TrigFlow teacher, ODE", "tab:brown"),
+                    "direct/v-euler": ("Direct's v, Euler", "tab:pink")}
 
 
 def curves_figure(report, path, nfes=(1, 2, 4)):
     """FD against training cost, a panel per NFE: a line per method and sampler (the median over seeds, and a
-    band from the lowest to the highest seed), and the multi-step baselines at 100 steps and at the panel's NFE."""
+    band from the lowest to the highest seed), the multi-step baselines at 100 steps (dashed) and flow matching
+    at the panel's NFE (dotted)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
     budgets = report["setting"]["budgets"]
     fig, axes = plt.subplots(1, len(nfes), figsize=(5.2 * len(nfes), 4.8), sharey=True, squeeze=False)
-    colours = dict(zip(list(CURVE_LINES) + list(CURVE_REFERENCES), plt.get_cmap("tab10").colors))
 
-    def draw(ax, row, nfe, label, **style):
+    def draw(ax, row, nfe, label, colour, **style):
         points = [(row_cost(report, row, k), band(report, row, k, nfe)) for k in budgets]
         points = [(c, b) for c, b in points if b]
         if points:
             x = [c for c, _ in points]
-            ax.plot(x, [b[0] for _, b in points], color=colours[row], label=label, **style)
-            ax.fill_between(x, [b[1] for _, b in points], [b[2] for _, b in points], color=colours[row], alpha=0.15)
+            ax.plot(x, [b[0] for _, b in points], color=colour, label=label, **style)
+            ax.fill_between(x, [b[1] for _, b in points], [b[2] for _, b in points], color=colour, alpha=0.15, lw=0)
     for ax, nfe in zip(axes[0], nfes):
-        for row, label in CURVE_LINES.items():
+        for row, (label, colour) in CURVE_LINES.items():
             if row in report["rows"]:
-                draw(ax, row, nfe, label, marker="o", ms=3)
-        for row, label in CURVE_REFERENCES.items():
+                draw(ax, row, nfe, label, colour, marker="o", ms=3)
+        for row, (label, colour) in CURVE_REFERENCES.items():
             if row in report["rows"]:
-                draw(ax, row, 100, f"{label}, 100 steps", ls="--", lw=1)
-                if nfe > 1:
-                    draw(ax, row, nfe, f"{label}, {nfe} steps", ls=":", lw=1)
+                draw(ax, row, 100, f"{label}, 100 steps", colour, ls="--", lw=1)
+        if nfe > 1 and "fm/euler" in report["rows"]:
+            draw(ax, "fm/euler", nfe, "flow matching, Euler, the panel's NFE", "0.35", ls=":", lw=1.2)
         ax.set(xscale="log", yscale="log", title=f"{nfe} NFE", xlabel="training cost (flow-matching digits presets)")
+        ax.xaxis.set_major_locator(FixedLocator([1, 2, 4, 8, 16, 32]))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_major_locator(FixedLocator([10, 20, 30, 50, 100, 200, 300, 500, 1000, 2000]))
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.grid(alpha=0.3, which="both")
     axes[0, 0].set_ylabel("digits FD (lower is better)")
     handles = {h.get_label(): h for ax in axes[0] for h in ax.get_lines()}
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=5, fontsize=8, frameon=False)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.16, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-# ==============================================================================================
-# The target policies on a GPU (tests/gpu_check.sh): per method, what each policy costs and what it gets wrong
-
-POLICY_METHODS = {"gcm-cu": "gcm/cu-fd-l2", "scm": "scm/scd", "decm-cd": "decm/cd+fm", "decm-n2n": "decm/cd+fm",
-                  "direct": "direct/default"}
-POLICY_RUNS = {"fp32": "bf16-exact", "tf32": "bf16-tf32", "bf16": "bf16-bf16"}    # tests/gpu_check.sh's JSON names
-# The README's digits figure of each method's digits preset under --bf16 with each policy (FD at 1 NFE, one seed,
-# on the CPU, where the tf32 policy is the exact one), from its Precision table.
-README_DIGITS_BF16 = {"gcm-cu": (227.0, 323.5), "scm": (245.7, 250.7), "decm-cd": (126.7, 130.3),
-                      "direct": (428.0, 433.5)}
-# A policy whose target errs by more than this at the closed-form solution (relative to the target's size, or
-# for the targets that vanish there, against their unit scale) is not a default: it changes the maths more than
-# a training step's rounding does.
-POLICY_TOLERANCE = 1e-3
-
-
-def policy_errors(device):
-    """{method: {policy: error}}: tests/test_precision.py's oracle target errors of every policy under --bf16 on
-    `device` (a GPU with TF32 on outside the target passes, as a run there has it)."""
-    import test_precision
-    if device == "cuda":
-        common.set_tf32(True)
-    return {m: test_precision.policy_errors(m, device) for m in POLICY_METHODS}
-
-
-def policy_report(folder):
-    """Per method, a table of the three target policies: the GPU step time of the method's update under --bf16
-    and its ratio to flow matching's, the oracle target error on the GPU, the README's digits figures; and the
-    default the figures support: the fastest policy whose target error is within POLICY_TOLERANCE."""
-    def load(name):
-        path = os.path.join(folder, name)
-        return json.load(open(path)) if os.path.isfile(path) else {}
-    errors, lines = load("policy-errors.json"), []
-    steps = {p: load(f"step-cost-{run}.json").get("step_cost", {}) for p, run in POLICY_RUNS.items()}
-    for method, entry in POLICY_METHODS.items():
-        lines += [f"**{method}** ({entry})", "", "| policy | s / step | x its reference | oracle target error | "
-                  "digits FD, 1 NFE (README, CPU) |", "|---|---|---|---|---|"]
-        fastest = []
-        for i, policy in enumerate(POLICY_RUNS):
-            row = steps[policy].get(entry, {})
-            err = errors.get(method, {}).get(policy)
-            digits = README_DIGITS_BF16.get(method)
-            fd = "-" if not digits else f"{digits[0 if policy != 'bf16' else 1]:.1f}" + \
-                (" (= exact on a CPU)" if policy == "tf32" else "")
-            lines.append(f"| {policy} | {row['sec']:.4f} | {row['ratio']:.2f} | " if "sec" in row else
-                         f"| {policy} | not measured | - | ")
-            lines[-1] += f"{'-' if err is None else f'{err:.1e}'} | {fd} |"
-            if "sec" in row and err is not None and err <= POLICY_TOLERANCE:
-                fastest.append((row["sec"], policy))
-        choice = f"`{min(fastest)[1]}`" if fastest else "not decided (missing figures)"
-        lines += ["", f"Default on this GPU for {method}: {choice} (the fastest policy whose target error at the "
-                  f"solution is within {POLICY_TOLERANCE:g})", ""]
-    return "\n".join(lines)
 
 
 def free_memory(run):
@@ -1194,11 +1215,19 @@ def main(argv=None):
                              flags=shlex.split(args.digits_flags),
                              data_path=os.path.abspath(args.digits_data or os.path.join(args.curves, "digits-data")))
         left = [] if args.curves_report_only else run_curves(cv, args.curve_jobs)
-        report = curves_report(cv, update_flops(cv.chains, cv.data_path))
+        cache = os.path.join(cv.root, "flops.json")                # counted once per folder (about a minute)
+        flops = common.read_json(cache)
+        if not set(cv.chains) | {"fm"} <= set(flops):
+            flops = {**flops, **update_flops(cv.chains, cv.data_path)}
+            common.write_json(cache, flops)
+        report = curves_report(cv, flops)
         print(f"\nDigits FD along a compute axis: the median over seeds {cv.seeds} [lowest, highest]; costs in "
               f"flow-matching digits presets ({cv.unit} updates of batch 64); a row at budget k costs its teacher "
               f"plus k times its cost of 1x\n")
         print(curves_markdown(report))
+        report["claims"] = curves_claims(report)
+        print(f"\nThe papers' claims at {max(budgets)}x, seed by seed\n")
+        print(claims_markdown(report["claims"]))
         if args.figure:
             curves_figure(report, args.figure)
         if args.json:
