@@ -608,9 +608,9 @@ def digits_figure(runs, path, rows=DIGITS_FIGURE, per_side=8):
 CURVE_BUDGETS = (1, 2, 4, 8)
 _FEW = ("--nfe", "1", "2", "4", "8")
 _BASELINE = ("--nfe", "1", "2", "4", "8", "100")
-_DECM_EVAL = ("--samplers", "cm", "mix", "mix-flowmap", "euler", "--nfe", "1", "2", "4", "8", "16", "50")
+_DECM_EVAL = ("--samplers", "cm", "mix", "euler", "--nfe", "1", "2", "4", "8", "16", "50")
 _DIRECT_EVAL = ("--nfe", "1", "--euler-steps", "1", "2", "4", "8", "100")
-_DECM_ROWS = {"cm": "_cm", "mix": "_mix", "mix-flowmap": "_mix-flowmap", "euler": "_euler"}
+_DECM_ROWS = {"cm": "_cm", "mix": "_mix", "euler": "_euler"}
 # chain: (script, training flags, the chain it distils or None, --sample-only flags, {row: eval.json suffix})
 CHAINS = {
     "fm": ("decm.py", ["--losses", "fm"], None, _BASELINE, {"fm/euler": ""}),
