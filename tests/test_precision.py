@@ -27,15 +27,20 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
 @contextlib.contextmanager
-def tf32(on):
-    """TF32 set as a run on a GPU sets it (common.set_tf32), restored after (a no-op for CPU arithmetic)."""
+def switched(set_switches):
+    """set_switches() changes the fp32 matmul switches for the block; they are restored after."""
     saved = [getattr(obj, name) for obj, name, *_ in common._fp32_switches()]
-    common.set_tf32(on)
+    set_switches()
     try:
         yield
     finally:
         for (obj, name, *_), value in zip(common._fp32_switches(), saved):
             setattr(obj, name, value)
+
+
+def tf32(on):
+    """TF32 set as a run on a GPU sets it (common.set_tf32), restored after (a no-op for CPU arithmetic)."""
+    return switched(lambda: common.set_tf32(on))
 
 
 @pytest.fixture(params=DEVICES)
@@ -456,17 +461,10 @@ def test_target_arithmetic_of_each_policy():
         assert not common.tf32_enabled()
 
 
-@contextlib.contextmanager
 def matmul_precision(mode):
     """torch.set_float32_matmul_precision(mode) for the block: "medium" lets oneDNN run fp32 matmuls in bf16 on a
     CPU with bf16 units (and cuBLAS in TF32)."""
-    saved = [getattr(obj, name) for obj, name, *_ in common._fp32_switches()]
-    torch.set_float32_matmul_precision(mode)
-    try:
-        yield
-    finally:
-        for (obj, name, *_), value in zip(common._fp32_switches(), saved):
-            setattr(obj, name, value)
+    return switched(lambda: torch.set_float32_matmul_precision(mode))
 
 
 def test_reduced_precision_fp32_on_the_cpu_is_not_a_target():
