@@ -941,6 +941,57 @@ def curves_figure(report, path, nfes=(1, 2, 4)):
     plt.close(fig)
 
 
+# ==============================================================================================
+# The target policies on a GPU (tests/gpu_check.sh): per method, what each policy costs and what it gets wrong
+
+POLICY_METHODS = {"gcm-cu": "gcm/cu-fd-l2", "scm": "scm/scd", "decm-cd": "decm/cd+fm", "decm-n2n": "decm/cd+fm",
+                  "direct": "direct/default"}
+POLICY_RUNS = {"fp32": "bf16-exact", "tf32": "bf16-tf32", "bf16": "bf16-bf16"}    # tests/gpu_check.sh's JSON names
+# The README's digits figure of each method's digits preset under --bf16 with the exact and the faster policy (FD
+# at 1 NFE, one seed, on the CPU, where the tf32 policy is the exact one), from its precision table.
+README_DIGITS_BF16 = {"gcm-cu": (227.0, 323.5), "scm": (245.7, 250.7), "decm-cd": (126.7, 130.3),
+                      "direct": (428.0, 433.5)}
+# A policy whose target errs by more than this at the closed-form solution (relative to the target's size, or,
+# for the targets that vanish there, against their unit scale) is not a default: it changes the maths more than
+# a training step's rounding does.
+POLICY_TOLERANCE = 1e-3
+
+
+def policy_errors(device):
+    """{method: {policy: error}}: tests/test_precision.py's oracle target errors of every policy under --bf16 on
+    `device` (a GPU with TF32 on outside the target passes, as a run there has it)."""
+    import test_precision
+    if device == "cuda":
+        common.set_tf32(True)
+    return {m: test_precision.policy_errors(m, device) for m in POLICY_METHODS}
+
+
+def policy_report(folder):
+    """Per method, a table of the three target policies: the step time of the method's update under --bf16 and
+    its ratio to its reference, the oracle target error, the README's digits figures; and the default the
+    figures support: the fastest policy whose target error is within POLICY_TOLERANCE."""
+    def load(name):
+        path = os.path.join(folder, name)
+        return json.load(open(path)) if os.path.isfile(path) else {}
+    errors, lines = load("policy-errors.json"), []
+    steps = {p: load(f"step-cost-{run}.json").get("step_cost", {}) for p, run in POLICY_RUNS.items()}
+    for method, entry in POLICY_METHODS.items():
+        lines += [f"**{method}** ({entry})", "", "| policy | s / step | x its reference | oracle target error | "
+                  "digits FD, 1 NFE (README, CPU) |", "|---|---|---|---|---|"]
+        fastest = []
+        for policy in POLICY_RUNS:
+            row, err, digits = steps[policy].get(entry, {}), errors.get(method, {}).get(policy), README_DIGITS_BF16.get(method)
+            timing = f"{row['sec']:.4f} | {row['ratio']:.2f}" if "sec" in row else "not measured | -"
+            fd = "-" if not digits else f"{digits[policy == 'bf16']:.1f}" + (" (= exact on a CPU)" if policy == "tf32" else "")
+            lines.append(f"| {policy} | {timing} | {'-' if err is None else f'{err:.1e}'} | {fd} |")
+            if "sec" in row and err is not None and err <= POLICY_TOLERANCE:
+                fastest.append((row["sec"], policy))
+        choice = f"`{min(fastest)[1]}`" if fastest else "not decided (missing figures)"
+        lines += ["", f"Default on this device for {method}: {choice} (the fastest policy whose target error at the "
+                  f"solution is within {POLICY_TOLERANCE:g})", ""]
+    return "\n".join(lines)
+
+
 def free_memory(run):
     gc.collect()
     if run.device.type == "cuda":
