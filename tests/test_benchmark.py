@@ -94,3 +94,18 @@ def test_compute_curves_score_snapshots_as_the_shorter_runs(tmp_path, capsys, di
     assert "| fm/euler | 100 | 1.00 | 0.0 |" in capsys.readouterr().out
     benchmark.main(argv)                                               # everything is done: only the table again
     assert "start" not in capsys.readouterr().out
+
+
+def test_policy_report_chooses_the_fastest_policy_whose_targets_are_right(tmp_path):
+    """The GPU check's decision tables: the oracle errors of every policy (on a CPU the tf32 policy is the exact
+    one) and, per method, the fastest policy whose target error at the solution is within the tolerance."""
+    errors = benchmark.policy_errors("cpu")
+    assert all(e["tf32"] == e["fp32"] and e["bf16"] > 100 * e["fp32"] for e in errors.values())
+    (tmp_path / "policy-errors.json").write_text(json.dumps(errors))
+    for policy, run in benchmark.POLICY_RUNS.items():                  # bf16 fastest, then tf32, then exact
+        sec = {"fp32": 0.3, "tf32": 0.2, "bf16": 0.1}[policy]
+        rows = {entry: {"sec": sec, "ratio": sec / 0.1} for entry in benchmark.POLICY_METHODS.values()}
+        (tmp_path / f"step-cost-{run}.json").write_text(json.dumps({"step_cost": rows}))
+    text = benchmark.policy_report(str(tmp_path))
+    for method in benchmark.POLICY_METHODS:                      # every bf16 target errs by more than 1e-3 here
+        assert f"Default on this device for {method}: `tf32`" in text, text
