@@ -32,22 +32,23 @@
 # script.
 set -u
 
-# phase NAME LIMIT LOG CMD...: run CMD for at most LIMIT seconds, stdout appended to LOG, stderr to LOG.err;
-# one row of OUT/phases.md: the exit code, when it ended, and, if it failed, the last line of its stderr (a
-# traceback's last line names the error). Phases that would start after DEADLINE are skipped.
+# phase NAME LIMIT LOG CMD...: run CMD for at most LIMIT seconds, stdout appended to LOG, stderr to its own file
+# OUT/NAME.err; one row of OUT/phases.md: the exit code, when it ended, and, if it failed, the last line of its
+# stderr (a traceback's last line names the error). Phases that would start after DEADLINE are skipped.
 phase() {
-    local name=$1 limit=$2 log=$3 rc
+    local name=$1 limit=$2 log=$3 rc err
+    err="$OUT/$(echo "$name" | tr -c 'A-Za-z0-9\n' '-').err"
     shift 3
     if [ "$(elapsed)" -ge "${DEADLINE:-440}" ]; then
         echo "| $name | skipped | $(elapsed) s | the time budget (DEADLINE=${DEADLINE:-440} s) |" >> "$OUT/phases.md"
         echo "skipped (the time budget): $name"
         return 0
     fi
-    timeout "$limit" "$@" >> "$log" 2> "$log.err"
+    timeout "$limit" "$@" >> "$log" 2> "$err"
     rc=$?
     local why=""
     [ "$rc" = 124 ] && why="stopped after $limit s"
-    [ "$rc" != 0 ] && [ "$rc" != 124 ] && why=$(grep -v '^\s*$' "$log.err" | tail -n 1 | tr '|' '/' | cut -c1-300)
+    [ "$rc" != 0 ] && [ "$rc" != 124 ] && why=$(grep -v '^\s*$' "$err" | tail -n 1 | tr '|' '/' | cut -c1-300)
     echo "| $name | $rc | $(elapsed) s | $why |" >> "$OUT/phases.md"
     echo "$name: exit $rc after $(elapsed) s"
     [ "$rc" = 0 ] || failures=$((failures + 1))
