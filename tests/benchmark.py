@@ -902,9 +902,7 @@ def curves_figure(report, path, nfes=(1, 2, 4)):
     """FD against training cost, a panel per NFE: a line per method and sampler (the median over seeds, and a
     band from the lowest to the highest seed), the multi-step baselines at 100 steps (dashed) and flow matching
     at the panel's NFE (dotted)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt           # no backend forced: a notebook's inline one stays (headless: Agg)
     from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
     budgets = report["setting"]["budgets"]
     fig, axes = plt.subplots(1, len(nfes), figsize=(5.2 * len(nfes), 4.8), sharey=True, squeeze=False)

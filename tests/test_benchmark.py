@@ -109,3 +109,28 @@ def test_policy_report_chooses_the_fastest_policy_whose_targets_are_right(tmp_pa
     text = benchmark.policy_report(str(tmp_path))
     for method in benchmark.POLICY_METHODS:                      # every bf16 target errs by more than 1e-3 here
         assert f"Default on this device for {method}: `tf32`" in text, text
+
+
+def test_claims_are_judged_seed_by_seed_at_the_largest_budget():
+    """A claim "a beats b" shows when a has the lower FD in every seed at the largest budget, is mixed when in
+    some, and does not show in none; smaller budgets and seeds one side lacks do not count; the band is the
+    median, lowest and highest over the seeds."""
+    def scores(*fds):
+        return {str(seed): {"1": {"fd": fd}, "2": {"fd": fd2}} for seed, (fd, fd2) in enumerate(fds)}
+    report = {"setting": {"budgets": [1, 8]}, "rows": {
+        "scm/sct": {"chain": "sct", "1": scores((900, 1)), "8": scores((50, 40), (60, 70), (55, 45))},
+        "gcm/vu-pushforward": {"chain": "gcm-vu", "8": scores((30, 20), (35, 25), (31, 21), (2, 1))}}}
+    claims = {c["claim"]: c for c in benchmark.curves_claims(report)}
+    two_vs_one = claims["2 steps better than 1 (sCT)"]
+    assert (two_vs_one["wins"], two_vs_one["seeds"], two_vs_one["verdict"]) == (2, 3, "mixed")
+    assert two_vs_one["a"] == (45, 40, 70, 3) and two_vs_one["b"] == (55, 50, 60, 3)
+    assert claims["VU's pushforward sampler improves with steps (2 vs 1)"]["verdict"] == "shows"
+    assert "2 steps better than 1 (sCD)" not in claims                    # no sCD rows: no verdict
+    report["rows"]["gcm/cu-restart"] = {"chain": "gcm-cu", "8": scores((40, 40), (20, 20))}
+    vu_cu = {c["claim"]: c for c in benchmark.curves_claims(report)}["VU better than CU at 1 step"]
+    assert (vu_cu["wins"], vu_cu["seeds"], vu_cu["verdict"]) == (1, 2, "mixed")     # the two seeds both have
+    report["rows"]["scm/sct"]["8"] = scores((40, 50))
+    assert {c["claim"]: c for c in benchmark.curves_claims(report)}["2 steps better than 1 (sCT)"]["verdict"] == \
+        "does not show"
+    assert "| sCM | 2 steps better than 1 (sCT) | 50 | 40 | 0 of 1 | does not show |" in \
+        benchmark.claims_markdown(benchmark.curves_claims(report))
