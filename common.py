@@ -408,8 +408,7 @@ def wide(x):
 
 def mse(a, b):
     """||a - b||^2 averaged over every element, in fp32 at least (bf16 is widened; float64 stays float64)."""
-    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
-    return (a.to(dtype) - b.to(dtype)).pow(2).mean()
+    return (wide(a) - wide(b)).pow(2).mean()
 
 
 def rng_state(device):
