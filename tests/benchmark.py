@@ -815,9 +815,11 @@ def row_cost(report, row, k):
     return c["teacher_cost"] + k * c["unit_cost"]
 
 
-def band(report, row, k, nfe):
-    """(median, lowest, highest, seeds) of a row's FD at budget k and `nfe`, or None where nothing is scored."""
-    fds = [s[str(nfe)]["fd"] for s in report["rows"][row].get(str(k), {}).values() if str(nfe) in s]
+def band(report, row, k, nfe, seeds=None):
+    """(median, lowest, highest, seeds) of a row's FD at budget k and `nfe` over `seeds` (default: every seed
+    scored), or None where nothing is scored."""
+    fds = [v[str(nfe)]["fd"] for s, v in report["rows"][row].get(str(k), {}).items()
+           if str(nfe) in v and (seeds is None or s in seeds)]
     return (statistics.median(fds), min(fds), max(fds), len(fds)) if fds else None
 
 
@@ -863,7 +865,8 @@ CLAIMS = [
 
 def curves_claims(report, k=None):
     """Each claim at budget k (default the largest): the FD of both sides (median [lowest, highest] over the
-    seeds) and in how many seeds a beats b; "shows" when it does in every seed, "mixed" in some."""
+    seeds both sides have) and in how many of those seeds a beats b; "shows" when it does in every seed, "mixed"
+    in some."""
     k = k or max(report["setting"]["budgets"])
     out = []
     for paper, claim, (ra, na), (rb, nb) in CLAIMS:
@@ -874,7 +877,7 @@ def curves_claims(report, k=None):
         fd = lambda row, n, s: report["rows"][row][str(k)][s][str(n)]["fd"]          # noqa: E731
         wins = sum(fd(ra, na, s) < fd(rb, nb, s) for s in seeds)
         verdict = "shows" if wins == len(seeds) else "does not show" if wins == 0 else "mixed"
-        out.append(dict(paper=paper, claim=claim, a=band(report, ra, k, na), b=band(report, rb, k, nb),
+        out.append(dict(paper=paper, claim=claim, a=band(report, ra, k, na, seeds), b=band(report, rb, k, nb, seeds),
                         wins=wins, seeds=len(seeds), verdict=verdict))
     return out
 

@@ -114,7 +114,7 @@ def test_policy_report_chooses_the_fastest_policy_whose_targets_are_right(tmp_pa
 def test_claims_are_judged_seed_by_seed_at_the_largest_budget():
     """A claim "a beats b" shows when a has the lower FD in every seed at the largest budget, is mixed when in
     some, and does not show in none; smaller budgets and seeds one side lacks do not count; the band is the
-    median, lowest and highest over the seeds."""
+    median, lowest and highest over the seeds compared."""
     def scores(*fds):
         return {str(seed): {"1": {"fd": fd}, "2": {"fd": fd2}} for seed, (fd, fd2) in enumerate(fds)}
     report = {"setting": {"budgets": [1, 8]}, "rows": {
@@ -129,6 +129,7 @@ def test_claims_are_judged_seed_by_seed_at_the_largest_budget():
     report["rows"]["gcm/cu-restart"] = {"chain": "gcm-cu", "8": scores((40, 40), (20, 20))}
     vu_cu = {c["claim"]: c for c in benchmark.curves_claims(report)}["VU better than CU at 1 step"]
     assert (vu_cu["wins"], vu_cu["seeds"], vu_cu["verdict"]) == (1, 2, "mixed")     # the two seeds both have
+    assert vu_cu["a"] == (32.5, 30, 35, 2) and vu_cu["b"] == (30, 20, 40, 2)     # the bands over those seeds only
     report["rows"]["scm/sct"]["8"] = scores((40, 50))
     assert {c["claim"]: c for c in benchmark.curves_claims(report)}["2 steps better than 1 (sCT)"]["verdict"] == \
         "does not show"
