@@ -435,9 +435,10 @@ PRESETS = {
     # Digits (8x8, one channel, std about 0.75): DiT-T/2 on a CPU, 1500 steps of batch 64 like every digits
     # preset (about two minutes here); Adam for the reason given for the toy sets, at 1e-3 (2e-3 was worse:
     # FD 364 against 235 at one step); EMA half-life 5k images (20k made the 2- and 4-step samples worse:
-    # FD 299 / 340 against 259 / 265). Longer runs want less: CU at 1e-3 spiked after 11k steps (gradient
-    # norm 0.05 -> 0.16; FD at one step 81 at 10.5k, 154 at 12k); resumed at 9k with --lr 5e-4 it did not (70
-    # at 12k). The README's curves (tests/benchmark.py --curves) keep 1e-3 at every budget.
+    # FD 299 / 340 against 259 / 265). Longer runs want less: CU at 1e-3 spiked in every seed, after 10.8k /
+    # 8.7k / 7.4k steps (seeds 0 / 1 / 2; gradient norm 0.05 -> 0.15-0.8; FD at one step at 12k 154 / 580 /
+    # 939); resumed from 6k with --lr 5e-4 none did (72 / 73 / 64 at 12k). VU at 1e-3 did not spike. The
+    # README's curves (tests/benchmark.py --curves) keep 1e-3 at every budget.
     "digits": dict(model="DiT-T/2", batch_size=64, steps=1500, lr=1e-3, optimizer="adam", ema_halflife_kimg=5,
                    sigma_d=0.75, log_every=100, ckpt_every=500),
     # 2D toy sets: the toy MLP, data of about unit variance, about a minute on a CPU. Adam, not RAdam:
